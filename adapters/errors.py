@@ -1,0 +1,24 @@
+"""Errors raised while loading, validating and addressing adapters.
+
+Each names the culprit, so that the API layer can pass the message to the user unchanged.
+"""
+
+
+class AdapterError(Exception):
+    """Base class of every adapter problem a user can cause."""
+
+
+class AdapterNotFoundError(AdapterError):
+    """The adapter id names nothing in the store, or nothing loaded."""
+
+
+class IncompatibleAdapterError(AdapterError):
+    """The adapter cannot be applied to the resident base model (shapes, modules, type)."""
+
+
+class UnsafeAdapterError(AdapterError):
+    """The adapter asks for something we refuse: pickle weights, a path outside the store."""
+
+
+class AdapterCapacityError(AdapterError):
+    """Every adapter slot is taken."""

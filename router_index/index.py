@@ -1,0 +1,109 @@
+"""FAISS indexes over per-task exemplar embeddings.
+
+Two inner-product indexes are kept side by side:
+- one row per task holding the centroid `c_i = mean_j z_i^j`, NOT re-normalised. With unit
+  query `z` and unit exemplars, `z . c_i = (1/M) sum_j cos(z, z_i^j)`: Eq. 5 exactly, one
+  inner product per task;
+- one row per exemplar, mapped to its task: kNN scoring and "nearest exemplars" explanations.
+
+A `TaskIndex` is immutable: adding or removing a task builds a new one, which the router swaps
+in atomically, so requests in flight keep the snapshot they started with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+# On 2 cores a multi-threaded single-query search is several times slower than one thread.
+faiss.omp_set_num_threads(1)
+
+
+@dataclass(frozen=True)
+class TaskIndex:
+    task_ids: tuple[str, ...]  # row i of the centroid index is task_ids[i]
+    exemplar_texts: tuple[str, ...]  # row j of the exemplar index
+    exemplar_task: np.ndarray  # [E] int: task row of each exemplar
+    embeddings: np.ndarray  # [E, dim] float32, unit rows
+    centroids: faiss.IndexFlatIP  # N rows, mean of each task's unit exemplar embeddings
+    exemplars: faiss.IndexFlatIP  # E rows
+
+    @classmethod
+    def build(cls, tasks: Mapping[str, tuple[tuple[str, ...], np.ndarray]]) -> TaskIndex:
+        """Build from `{task_id: (exemplar texts, [M_i, dim] unit embeddings)}`."""
+        empty = [task for task, (_, vectors) in tasks.items() if len(vectors) == 0]
+        if empty:
+            raise ValueError(f"tasks without exemplars cannot be routed to: {', '.join(empty)}")
+        task_ids = tuple(tasks)
+        dim = next(iter(tasks.values()))[1].shape[1] if tasks else 1
+        texts: list[str] = []
+        rows, owners, centroids = [], [], []
+        for row, task in enumerate(task_ids):
+            task_texts, vectors = tasks[task]
+            texts.extend(task_texts)
+            rows.append(vectors)
+            owners.extend([row] * len(vectors))
+            centroids.append(vectors.mean(axis=0))
+        embeddings = np.ascontiguousarray(
+            np.concatenate(rows) if rows else np.zeros((0, dim)), dtype=np.float32
+        )
+        centroid_index = faiss.IndexFlatIP(dim)
+        exemplar_index = faiss.IndexFlatIP(dim)
+        if task_ids:
+            centroid_index.add(np.ascontiguousarray(np.stack(centroids), dtype=np.float32))
+            exemplar_index.add(embeddings)
+        return cls(
+            task_ids=task_ids,
+            exemplar_texts=tuple(texts),
+            exemplar_task=np.asarray(owners, dtype=np.int64),
+            embeddings=embeddings,
+            centroids=centroid_index,
+            exemplars=exemplar_index,
+        )
+
+    def vectors_of(self, task: str) -> tuple[tuple[str, ...], np.ndarray]:
+        row = self.task_ids.index(task)
+        where = np.flatnonzero(self.exemplar_task == row)
+        return tuple(self.exemplar_texts[j] for j in where), self.embeddings[where]
+
+    def with_task(self, task: str, texts: tuple[str, ...], vectors: np.ndarray) -> TaskIndex:
+        """A new index with `task` added (or replaced)."""
+        tasks = {t: self.vectors_of(t) for t in self.task_ids if t != task}
+        tasks[task] = (texts, vectors)
+        return TaskIndex.build(tasks)
+
+    def without_task(self, task: str) -> TaskIndex:
+        return TaskIndex.build({t: self.vectors_of(t) for t in self.task_ids if t != task})
+
+    def centroid_scores(self, query: np.ndarray) -> np.ndarray:
+        """Eq. 5 for every task. query: [dim] unit. Returns [N] in task_ids order."""
+        n = len(self.task_ids)
+        if n == 0:
+            return np.zeros(0, dtype=np.float32)
+        sims, rows = self.centroids.search(query.reshape(1, -1), n)
+        scores = np.empty(n, dtype=np.float32)
+        scores[rows[0]] = sims[0]
+        return scores
+
+    def nearest(self, query: np.ndarray, m: int) -> list[tuple[int, float]]:
+        """The `m` nearest exemplars as (exemplar row, cosine), best first."""
+        m = min(m, self.exemplars.ntotal)
+        if m == 0:
+            return []
+        sims, rows = self.exemplars.search(query.reshape(1, -1), m)
+        return [(int(j), float(s)) for j, s in zip(rows[0], sims[0], strict=True) if j >= 0]
+
+    def knn_scores(self, query: np.ndarray, m: int) -> np.ndarray:
+        """kNN scoring: Eq. 5 restricted to the query's top-`m` exemplars.
+
+        score_i = (1/m) * sum of the cosines of task i's exemplars among the top m; a task
+        with none of them scores 0.
+        """
+        scores = np.zeros(len(self.task_ids), dtype=np.float32)
+        hits = self.nearest(query, m)
+        for row, sim in hits:
+            scores[self.exemplar_task[row]] += sim
+        return scores / max(len(hits), 1)

@@ -1,0 +1,164 @@
+"""Training-free routing (TR-Merging): scores -> sharpened weights -> top-K -> RouteDecision."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from adapters.errors import AdapterNotFoundError
+from router_index.embedder import Embedder
+from router_index.index import TaskIndex
+
+Scoring = Literal["centroid", "knn"]
+Sharpening = Literal["two_stage", "single_stage"]
+
+
+@dataclass(frozen=True)
+class RoutingOptions:
+    top_k: int = 3
+    temperature: float = 0.02  # tau of Eqs. 7-8 (or 13)
+    threshold: float = 0.25  # fall back when the best score (a cosine) is below this
+    scoring: Scoring = "centroid"
+    sharpening: Sharpening = "two_stage"
+    renormalize: bool = False  # re-normalise the K kept weights to sum to 1
+    knn_m: int = 10  # exemplars considered by the knn scoring mode
+    adapters: tuple[str, ...] | None = None  # restrict routing to these ids
+    explain: int = 5  # nearest exemplars reported with the decision
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise ValueError("routing.top_k must be >= 1")
+        if not self.temperature > 0:
+            raise ValueError("routing.temperature must be > 0")
+        if not -1.0 <= self.threshold <= 1.0:
+            raise ValueError("routing.threshold must be a cosine in [-1, 1]")
+        if self.knn_m < 1:
+            raise ValueError("routing.knn_m must be >= 1")
+
+
+@dataclass(frozen=True)
+class RouteHit:
+    adapter_id: str
+    score: float  # Eq. 5: mean cosine to the task's exemplars, in [-1, 1]
+    weight: float  # alpha_hat (Eq. 8 or 13); over all hits the weights sum to at most 1
+
+
+@dataclass(frozen=True)
+class Exemplar:
+    adapter_id: str
+    text: str
+    score: float  # cosine to the query
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    hits: tuple[RouteHit, ...]  # the adapters blended, best first; empty on fallback
+    scores: dict[str, float]  # every candidate task's score
+    fallback: bool  # best score below threshold: answer with the fallback (base by default)
+    nearest: tuple[Exemplar, ...]
+    latency_s: float = 0.0  # embedding + search
+
+    @property
+    def top_score(self) -> float:
+        return max(self.scores.values(), default=float("nan"))
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def sharpen(scores: np.ndarray, temperature: float, sharpening: Sharpening) -> np.ndarray:
+    """alpha_hat from the scores.
+
+    two_stage (Eqs. 6-8): alpha = softmax(s), alpha_hat = softmax(alpha / tau).
+    single_stage (Eq. 13): alpha_hat = softmax(s / tau).
+    """
+    if sharpening == "two_stage":
+        return softmax(softmax(scores) / temperature)
+    return softmax(scores / temperature)
+
+
+def decide(
+    task_ids: tuple[str, ...], scores: np.ndarray, options: RoutingOptions
+) -> tuple[tuple[RouteHit, ...], bool]:
+    """Top-K hits and the fallback flag from scores over `task_ids` (already restricted)."""
+    if len(task_ids) == 0 or float(scores.max()) < options.threshold:
+        return (), True
+    weights = sharpen(scores.astype(np.float64), options.temperature, options.sharpening)
+    top = np.argsort(-weights, kind="stable")[: options.top_k]
+    kept = weights[top]
+    if options.renormalize:
+        kept = kept / kept.sum()
+    hits = tuple(
+        RouteHit(task_ids[i], float(scores[i]), float(w)) for i, w in zip(top, kept, strict=True)
+    )
+    return hits, False
+
+
+class Router:
+    """Embeds a request and routes it over the current `TaskIndex` snapshot."""
+
+    def __init__(self, embedder: Embedder, defaults: RoutingOptions | None = None) -> None:
+        self.embedder = embedder
+        self.defaults = defaults or RoutingOptions()
+        self.index = TaskIndex.build({})
+        self._write_lock = threading.Lock()
+
+    def build(self, tasks: dict[str, tuple[str, ...]], show_progress: bool = True) -> None:
+        """Embed every task's exemplars and index them, with a progress bar."""
+        embedded = {}
+        for task, texts in tqdm(
+            tasks.items(), desc="Indexing exemplars", unit="task", disable=not show_progress
+        ):
+            embedded[task] = (texts, self.embedder.encode(list(texts)))
+        self.index = TaskIndex.build(embedded)
+
+    def add_task(self, task: str, texts: tuple[str, ...]) -> None:
+        vectors = self.embedder.encode(list(texts))
+        with self._write_lock:
+            self.index = self.index.with_task(task, texts, vectors)
+
+    def remove_task(self, task: str) -> None:
+        with self._write_lock:
+            if task in self.index.task_ids:
+                self.index = self.index.without_task(task)
+
+    def route(self, text: str, options: RoutingOptions | None = None) -> RouteDecision:
+        options = options or self.defaults
+        started = time.perf_counter()
+        index = self.index  # one snapshot for the whole decision
+        query = self.embedder.encode([text])[0]
+        if options.scoring == "knn":
+            all_scores = index.knn_scores(query, options.knn_m)
+        else:
+            all_scores = index.centroid_scores(query)
+        candidates = list(range(len(index.task_ids)))
+        if options.adapters is not None:
+            unknown = [a for a in options.adapters if a not in index.task_ids]
+            if unknown:
+                raise AdapterNotFoundError(f"routing.adapters names unknown adapters: {unknown}")
+            candidates = [index.task_ids.index(a) for a in dict.fromkeys(options.adapters)]
+        task_ids = tuple(index.task_ids[i] for i in candidates)
+        scores = all_scores[candidates]
+        hits, fallback = decide(task_ids, scores, options)
+        nearest = tuple(
+            Exemplar(index.task_ids[index.exemplar_task[j]], index.exemplar_texts[j], sim)
+            for j, sim in index.nearest(query, options.explain)
+        )
+        return RouteDecision(
+            hits=hits,
+            scores={t: float(s) for t, s in zip(task_ids, scores, strict=True)},
+            fallback=fallback,
+            nearest=nearest,
+            latency_s=time.perf_counter() - started,
+        )
+
+    def options(self, **overrides: object) -> RoutingOptions:
+        """The defaults with the given non-None overrides applied (validated)."""
+        return replace(self.defaults, **{k: v for k, v in overrides.items() if v is not None})
