@@ -1,0 +1,143 @@
+"""The `dynamerge` command line: serve, route, generate, and the demo zoo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+# Nothing is ever downloaded at run time: models come from packages and local directories.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="dynamerge",
+        description="Per-request dynamic LoRA merging server. Settings come from DYNAMERGE_* "
+        "environment variables (see app/settings.py).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("serve", help="serve the OpenAI-compatible API (demo zoo by default)")
+
+    route = sub.add_parser("route", help="print the routing decision for a prompt")
+    route.add_argument("text")
+    _routing_flags(route)
+
+    generate = sub.add_parser("generate", help="answer a prompt with routed, blended adapters")
+    generate.add_argument("text")
+    generate.add_argument("--model", default="auto", help="auto, base, or an adapter id")
+    generate.add_argument("--max-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=None)
+    _routing_flags(generate)
+
+    zoo = sub.add_parser("zoo", help="the embedded demo zoo")
+    zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
+    zoo_sub.add_parser("build", help="convert the demo base model from its GGUF (once)")
+    train = zoo_sub.add_parser("train", help="train the six demo adapters, then evaluate")
+    train.add_argument("--tasks", default=None, help="comma-separated subset of tasks")
+    evaluate = zoo_sub.add_parser("eval", help="exact-match table: base and every expert")
+    evaluate.add_argument("--limit", type=int, default=None, help="prompts per task")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return _COMMANDS[args.command](args)
+
+
+def _routing_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--temperature-route", type=float, default=None, dest="route_temperature")
+    parser.add_argument("--threshold", type=float, default=None)
+    parser.add_argument("--scoring", choices=["centroid", "knn"], default=None)
+
+
+def _engine():
+    from app.engine.engine import Engine
+    from app.settings import Settings
+
+    engine = Engine(Settings())
+    engine.load()
+    return engine
+
+
+def _routing_options(engine, args: argparse.Namespace):
+    return engine.router.options(
+        top_k=args.top_k, temperature=args.route_temperature, threshold=args.threshold,
+        scoring=args.scoring,
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from app.main import serve
+    from app.settings import Settings
+
+    return serve(Settings())
+
+
+def _route(args: argparse.Namespace) -> int:
+    engine = _engine()
+    decision = engine.route(args.text, _routing_options(engine, args))
+    chosen = {hit.adapter_id: hit.weight for hit in decision.hits}
+    print(f"\n{'adapter':<16} {'score':>8} {'weight':>8}")
+    for adapter_id, score in sorted(decision.scores.items(), key=lambda kv: -kv[1]):
+        weight = f"{chosen[adapter_id]:8.4f}" if adapter_id in chosen else f"{'-':>8}"
+        print(f"{adapter_id:<16} {score:8.4f} {weight}")
+    print(f"\nfallback: {decision.fallback}   routing: {decision.latency_s * 1000:.1f} ms")
+    print("nearest exemplars:")
+    for ex in decision.nearest:
+        print(f"  {ex.score:6.3f}  [{ex.adapter_id}] {ex.text}")
+    engine.shutdown()
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from app.engine.types import GenerationRequest, SamplingParams
+
+    engine = _engine()
+    request = GenerationRequest(
+        prompt=engine.render_chat([{"role": "user", "content": args.text}]),
+        route_text=args.text,
+        model=args.model,
+        routing=_routing_options(engine, args),
+        sampling=SamplingParams(
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+            seed=args.seed,
+        ),
+    )
+    stream = engine.submit(request)
+    blend = ", ".join(f"{a}={w:.3f}" for a, w in stream.admission.blend) or "base model"
+    print(f"[blend: {blend}]", file=sys.stderr)
+    for event in stream:
+        print(event.text, end="", flush=True)
+    print()
+    engine.shutdown()
+    return 0
+
+
+def _zoo(args: argparse.Namespace) -> int:
+    from adapters.zoo import evaluate as zoo_eval
+    from adapters.zoo import train as zoo_train
+    from adapters.zoo.base import ensure_demo_base
+    from app.settings import Settings
+
+    settings = Settings()
+    if args.zoo_command == "build":
+        print(ensure_demo_base(settings.cache_dir))
+    elif args.zoo_command == "train":
+        tasks = args.tasks.split(",") if args.tasks else None
+        zoo_train.train(tasks=tasks)
+        print(zoo_eval.format_table(zoo_eval.evaluate()))
+    else:
+        print(zoo_eval.format_table(zoo_eval.evaluate(limit=args.limit)))
+    return 0
+
+
+_COMMANDS = {"serve": _serve, "route": _route, "generate": _generate, "zoo": _zoo}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Shared fixtures: the micro zoo (built once per session) and an engine loaded on it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from adapters.zoo.micro import MicroZoo, build_micro_zoo  # noqa: E402
+from app.engine.engine import Engine  # noqa: E402
+from app.settings import Settings  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def micro_zoo(tmp_path_factory: pytest.TempPathFactory) -> MicroZoo:
+    return build_micro_zoo(tmp_path_factory.mktemp("micro_zoo"))
+
+
+@pytest.fixture(scope="session")
+def micro_settings(micro_zoo: MicroZoo, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return Settings(
+        base_model=micro_zoo.base_dir,
+        adapter_store=micro_zoo.store_dir,
+        cache_dir=tmp_path_factory.mktemp("cache"),
+    )
+
+
+@pytest.fixture(scope="session")
+def micro_engine(micro_settings: Settings) -> Engine:
+    """One engine for the session; tests must leave its adapter set as they found it."""
+    engine = Engine(micro_settings)
+    engine.load(show_progress=False)
+    yield engine
+    engine.shutdown()
+
+
+def demo_cache_dir() -> Path:
+    return Path(os.environ.get("DYNAMERGE_CACHE_DIR", Path.home() / ".cache" / "dynamerge"))
