@@ -125,7 +125,11 @@ class Engine:
         )
 
     def models(self) -> list[str]:
-        return [AUTO_MODEL, BASE_MODEL, *self.bank.ids()]
+        return [AUTO_MODEL, BASE_MODEL, *self.adapter_ids()]
+
+    def adapter_ids(self) -> list[str]:
+        """Adapters requests may use (those being unregistered are gone already)."""
+        return [a for a in self.bank.ids() if a not in self._retired_slots]
 
     def route(self, text: str, options: RoutingOptions | None = None) -> RouteDecision:
         decision = self.router.route(text, options)
@@ -143,7 +147,9 @@ class Engine:
     ) -> GenerationStream:
         if check_ready and (not self.ready or self.draining):
             raise EngineNotReadyError("the server is not ready" if not self.ready else "draining")
-        if request.model not in (AUTO_MODEL, BASE_MODEL) and request.model not in self.bank:
+        if request.model not in (AUTO_MODEL, BASE_MODEL) and request.model not in set(
+            self.adapter_ids()
+        ):
             raise AdapterNotFoundError(f"model {request.model!r} does not exist")
         prompt_ids = self.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
         if not prompt_ids:
@@ -185,15 +191,17 @@ class Engine:
         if not adapter.exemplars:
             raise IncompatibleAdapterError(f"adapter {adapter_id!r} has no exemplars.jsonl")
         with self._model_lock:
+            self._reap_retired()
             if adapter_id in self.bank:
                 raise IncompatibleAdapterError(f"adapter {adapter_id!r} is already registered")
-            self._reap_retired()
             self.bank.add(adapter)
         self.router.add_task(adapter_id, adapter.exemplars)
 
     def unregister_adapter(self, adapter_id: str) -> None:
         """Stop routing to `adapter_id` now; free its slot once no running request uses it."""
         with self._model_lock:
+            if adapter_id in self._retired_slots:
+                raise AdapterNotFoundError(f"adapter {adapter_id!r} is not loaded")
             slot = self.bank.slot_of(adapter_id)
             self.router.remove_task(adapter_id)
             self._retired_slots.append(adapter_id)
