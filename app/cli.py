@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     evaluate.add_argument("--limit", type=int, default=None, help="prompts per task")
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     return _COMMANDS[args.command](args)
 
 

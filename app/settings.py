@@ -82,8 +82,14 @@ class Settings(BaseSettings):
     """Requests with larger bodies get 413."""
     max_queue: int = Field(default=64, ge=1)
     """Requests waiting or running beyond this get 429."""
+    max_batch_size: int = Field(default=16, ge=1, le=1024)
+    """Sequences decoded together in one forward pass (continuous batching)."""
     drain_timeout_s: float = Field(default=30.0, ge=0)
     """On SIGTERM, how long requests in flight may take to finish."""
+    max_n: int = Field(default=16, ge=1)
+    """Largest `n` (sequences per request) a request may ask for."""
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    """Log level of `dynamerge serve` (uvicorn and the application)."""
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

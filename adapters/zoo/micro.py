@@ -123,6 +123,9 @@ def build_micro_zoo(root: Path, seed: int = 0) -> MicroZoo:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
+        # Far above Llama's 0.02: attention must be peaked, or a wrong position or a mixed-up
+        # KV row would hardly change a random model's output and tests could not see it.
+        initializer_range=0.2,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

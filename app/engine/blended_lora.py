@@ -11,7 +11,7 @@ different mixes sharing one forward pass. Merging A and B separately with the we
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -23,6 +23,9 @@ class BlendBatch:
 
     used: torch.Tensor  # [U] long: slots used by at least one row (U >= 1)
     mix: torch.Tensor  # [batch, U]: mix[b, u] = summed weight of slot used[u] in row b
+    # Per-layer gathered factors and per-rank weight columns, computed by the first forward that
+    # uses this batch and reused by every later decode step while the batch is unchanged.
+    memo: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_rows(
@@ -124,13 +127,25 @@ class BlendedLoRALinear(nn.Module):
         batch = self.context.batch
         if batch is None or self.A is None or self.Bt is None:
             return y
-        used, rank = batch.used.shape[0], self.A.shape[1]
-        A = self.A.index_select(0, batch.used).reshape(used * rank, self.in_features)
-        Bt = self.Bt.index_select(0, batch.used).reshape(used * rank, self.out_features)
+        A, Bt, scale = self._gathered(batch)
         h = x @ A.T  # [batch, tokens, U * r]
-        # Each slot's r hidden units carry that slot's weight for this row.
-        scale = batch.mix.repeat_interleave(rank, dim=1).unsqueeze(1)  # [batch, 1, U * r]
         return y + (h * scale) @ Bt
+
+    def _gathered(self, batch: BlendBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The used slots' factors, [U * r, in] and [U * r, out], and their row weights."""
+        assert self.A is not None and self.Bt is not None
+        found = batch.memo.get(id(self))
+        if found is None:
+            used, rank = batch.used.shape[0], self.A.shape[1]
+            A = self.A.index_select(0, batch.used).reshape(used * rank, self.in_features)
+            Bt = self.Bt.index_select(0, batch.used).reshape(used * rank, self.out_features)
+            scale = batch.memo.get(("scale", rank))
+            if scale is None:
+                # Each slot's r hidden units carry that slot's weight for the row.
+                scale = batch.mix.repeat_interleave(rank, dim=1).unsqueeze(1)  # [batch, 1, U*r]
+                batch.memo[("scale", rank)] = scale
+            found = batch.memo[id(self)] = (A, Bt, scale)
+        return found
 
 
 def install_blended_layers(

@@ -18,16 +18,14 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-import torch
-
 from adapters.blend import AUTO_MODEL, BASE_MODEL, Blend, blend_for
 from adapters.errors import AdapterNotFoundError, IncompatibleAdapterError
 from adapters.registry import list_store, load_adapter
 from app import metrics
 from app.engine.adapter_bank import AdapterBank
 from app.engine.base_model import load_base_model
-from app.engine.blended_lora import BlendBatch, BlendContext, install_blended_layers
-from app.engine.decoding import Sequence, run_sequence
+from app.engine.blended_lora import BlendContext, install_blended_layers
+from app.engine.scheduler import Job, Scheduler
 from app.engine.stream import GenerationStream
 from app.engine.types import (
     Admission,
@@ -35,7 +33,6 @@ from app.engine.types import (
     EngineNotReadyError,
     EngineOverloadedError,
     GenerationRequest,
-    TokenEvent,
 )
 from app.settings import Settings
 from router_index.embedder import Embedder
@@ -62,9 +59,8 @@ class Engine:
         self.draining = False
         self._model_lock = threading.RLock()  # held by every forward and every slot write
         self._admit_lock = threading.Lock()
-        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._queue: queue.Queue[Job | None] = queue.Queue()
         self._in_flight = 0  # admitted and not finished
-        self._running = 0
         self._slot_refs: Counter[int] = Counter()  # running requests per slot
         self._retired_slots: list[str] = []  # unregistered, cleared once nobody uses them
         self._worker: threading.Thread | None = None
@@ -179,7 +175,7 @@ class Engine:
             metrics.QUEUE_DEPTH.inc()
         admission = Admission(request.request_id, decision, blend, len(prompt_ids))
         stream = GenerationStream(admission, loop)
-        self._queue.put(_Job(request, prompt_ids, rows, stream, time.perf_counter()))
+        self._queue.put(Job(request, prompt_ids, rows, stream, time.perf_counter()))
         return stream
 
     # --- adapters -------------------------------------------------------------------------
@@ -216,50 +212,27 @@ class Engine:
 
     # --- the worker -----------------------------------------------------------------------
     def _work(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            metrics.QUEUE_DEPTH.dec()
-            self._running += 1
-            metrics.RUNNING_REQUESTS.inc()
-            try:
-                self._generate(job)
-            except Exception:  # one bad request must not kill the worker
-                log.exception("generation failed for %s", job.request.request_id)
-                job.stream.put(TokenEvent("", (), finish_reason="error"))
-            finally:
-                self._running -= 1
-                metrics.RUNNING_REQUESTS.dec()
-                with self._model_lock:
-                    for slot, _ in job.rows:
-                        self._slot_refs[slot] -= 1
-                    self._reap_retired()
-                with self._idle:
-                    self._in_flight -= 1
-                    self._idle.notify_all()
+        Scheduler(
+            self.model, self.context, self.tokenizer, self.eos_ids, self._model_lock,
+            self.settings.max_batch_size, self._release,
+        ).run(self._queue)
 
-    def _generate(self, job: _Job) -> None:
-        sequence = Sequence(job.request, job.prompt_ids, self.tokenizer, self.eos_ids, self.device)
-        batch = BlendBatch.from_rows([job.rows], self.device, self.dtype)
-
-        def forward(input_ids: torch.Tensor, cache: object) -> torch.Tensor:
-            with self._model_lock:
-                self.context.batch = batch
-                try:
-                    return self.model(input_ids=input_ids, past_key_values=cache,
-                                      use_cache=True).logits[:, -1]
-                finally:
-                    self.context.batch = None
-
-        metrics.BATCH_SIZE.observe(1)
-        run_sequence(sequence, forward, job.stream, job.admitted_at)
+    def _release(self, job: Job) -> None:
+        """A request left the engine: unpin its slots, free retired ones, wake drainers."""
+        with self._model_lock:
+            for slot, _ in job.rows:
+                self._slot_refs[slot] -= 1
+            self._reap_retired()
+        with self._idle:
+            self._in_flight -= 1
+            self._idle.notify_all()
 
     # --- lifecycle ------------------------------------------------------------------------
     def stats(self) -> EngineStats:
         return EngineStats(
             ready=self.ready, draining=self.draining, queued=self._queue.qsize(),
-            running=self._running, adapters=tuple(self.bank.ids()) if self.ready else (),
+            running=max(self._in_flight - self._queue.qsize(), 0),
+            adapters=tuple(self.adapter_ids()) if self.ready else (),
             device=str(getattr(self, "device", "")), dtype=str(getattr(self, "dtype", "")),
         )
 
@@ -280,15 +253,6 @@ class Engine:
             self._queue.put(None)
             self._worker.join(timeout=10)
             self._worker = None
-
-
-@dataclass
-class _Job:
-    request: GenerationRequest
-    prompt_ids: list[int]
-    rows: list[tuple[int, float]]  # (slot, weight) blended for this request
-    stream: GenerationStream
-    admitted_at: float
 
 
 def _observe_decision(decision: RouteDecision) -> None:

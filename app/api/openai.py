@@ -1,0 +1,165 @@
+"""OpenAI-compatible routes: chat completions, completions and the model list.
+
+Each route parses, hands the engine its requests through `start_run`, and turns the engine's
+events into OpenAI responses or SSE chunks. Routing and blending happen in the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from app.api.deps import Run, chat_texts, ready_engine, require_api_key, start_run
+from app.api.errors import InvalidParameterError, error_body
+from app.engine.types import TokenEvent
+from app.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    Delta,
+    ModelCard,
+    ModelList,
+    StreamOptions,
+)
+
+router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
+
+ChunkOf = Callable[[int, TokenEvent, str | None], str]  # (choice, event, finish) -> chunk JSON
+
+
+@router.get("/models")
+async def list_models(request: Request) -> ModelList:
+    engine = ready_engine(request)
+    return ModelList(data=[ModelCard(id=model) for model in engine.models()])
+
+
+@router.post("/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    engine = ready_engine(request)
+    _refuse_unsupported(body.logprobs, False)
+    messages, route_text = chat_texts(body.messages)
+    prompt = engine.render_chat(messages)
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    run = await start_run(request, engine, body, body.model, [(prompt, route_text)], rid, body.n)
+    if body.stream:
+        def chunk(i: int, event: TokenEvent, finish: str | None) -> str:
+            choice = ChatChunkChoice(index=i, delta=Delta(content=event.text),
+                                     finish_reason=finish)
+            return ChatCompletionChunk(id=rid, model=body.model, choices=[choice]).model_dump_json(
+                exclude={"routing"})
+
+        first = ChatCompletionChunk(
+            id=rid, model=body.model, routing=run.routing(),
+            choices=[ChatChunkChoice(index=i, delta=Delta(role="assistant", content=""))
+                     for i in range(len(run.streams))],
+        )
+        usage = ChatCompletionChunk(id=rid, model=body.model, choices=[])
+        return EventStream(
+            _sse(run, first.model_dump_json(), chunk, usage, body.stream_options), run
+        )
+    texts = await run.collect(request)
+    response = ChatCompletion(
+        id=rid, model=body.model, usage=run.usage(), routing=run.routing(),
+        choices=[ChatChoice(index=i, message=AssistantMessage(content=text),
+                            finish_reason=run.finish_reason(i)) for i, text in enumerate(texts)],
+    )
+    return JSONResponse(response.model_dump(), headers=run.headers())
+
+
+@router.post("/completions")
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    engine = ready_engine(request)
+    _refuse_unsupported(body.logprobs, body.echo)
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if not prompts or not all(prompts):
+        raise InvalidParameterError("prompt must be a non-empty string or list of strings",
+                                    param="prompt")
+    rid = f"cmpl-{uuid.uuid4().hex}"
+    run = await start_run(request, engine, body, body.model, [(p, p) for p in prompts], rid,
+                          body.n)
+    # One routing per prompt: with several prompts each choice says how it was blended.
+    per_choice = len(prompts) > 1
+    if body.stream:
+        def chunk(i: int, event: TokenEvent, finish: str | None) -> str:
+            choice = CompletionChoice(index=i, text=event.text, finish_reason=finish)
+            return Completion(id=rid, model=body.model, choices=[choice]).model_dump_json(
+                exclude={"usage", "routing"})
+
+        first = Completion(id=rid, model=body.model, choices=[], routing=run.routing())
+        usage = Completion(id=rid, model=body.model, choices=[])
+        return EventStream(_sse(run, first.model_dump_json(exclude={"usage"}), chunk, usage,
+                                body.stream_options), run)
+    texts = await run.collect(request)
+    response = Completion(
+        id=rid, model=body.model, usage=run.usage(), routing=run.routing(),
+        choices=[CompletionChoice(index=i, text=text, finish_reason=run.finish_reason(i))
+                 for i, text in enumerate(texts)],
+    ).model_dump()
+    if per_choice:
+        for i, choice in enumerate(response["choices"]):
+            choice["routing"] = run.routing(i).model_dump()
+    return JSONResponse(response, headers=run.headers())
+
+
+def _refuse_unsupported(logprobs: object, echo: bool) -> None:
+    if logprobs:
+        raise InvalidParameterError("logprobs are not supported yet", param="logprobs")
+    if echo:
+        raise InvalidParameterError("echo is not supported", param="echo")
+
+
+async def _sse(
+    run: Run, first: str, chunk: ChunkOf, usage: ChatCompletionChunk | Completion,
+    options: StreamOptions | None,
+) -> AsyncIterator[str]:
+    """The SSE body: a first chunk with the routing, the tokens, usage if asked, [DONE].
+
+    Errors after the first byte can no longer change the status, so they travel as an
+    OpenAI error event (the official client raises it as an APIError).
+    """
+    yield _data(first)
+    try:
+        async for i, event in run.events():
+            finish = run.finish_reason(i) if event.finish_reason is not None else None
+            if event.text or finish is not None:
+                yield _data(chunk(i, event, finish))
+        if options is not None and options.include_usage:
+            usage.usage = run.usage()
+            yield _data(usage.model_dump_json(exclude={"routing"}))
+    except Exception as exc:
+        yield _data(json.dumps(error_body(exc)[1]))
+    yield _data("[DONE]")
+
+
+def _data(payload: str) -> str:
+    return f"data: {payload}\n\n"
+
+
+class EventStream(StreamingResponse):
+    """SSE whose engine streams are cancelled whenever the response ends, however it ends:
+    finished, client gone (Starlette cancels the body iterator), or server shutdown."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str], run: Run) -> None:
+        headers = {**run.headers(), "cache-control": "no-cache", "x-accel-buffering": "no"}
+        super().__init__(content, headers=headers)
+        self.run = run
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.run.cancel()

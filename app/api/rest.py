@@ -1,0 +1,108 @@
+"""REST routes: the routing decision alone, plain text generation, and embeddings.
+
+`/v1/embeddings` is OpenAI-shaped (the official client's `embeddings.create` works, including
+its default base64 encoding) and comes from the router's own embedder.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+
+import numpy as np
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from app.api.deps import (
+    chat_texts,
+    note_model,
+    ready_engine,
+    require_api_key,
+    routing_options,
+    start_run,
+)
+from app.api.errors import InvalidParameterError
+from app.protocol import (
+    AdapterWeight,
+    Embedding,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingUsage,
+    GenerateRequest,
+    GenerateResponse,
+    NearestExemplar,
+    RouteRequest,
+    RouteResponse,
+)
+
+router = APIRouter(prefix="/v1", tags=["rest"], dependencies=[Depends(require_api_key)])
+
+
+@router.post("/route")
+async def route(body: RouteRequest, request: Request) -> RouteResponse:
+    engine = ready_engine(request)
+    note_model(request, engine, "auto")
+    if (body.text is None) == (body.messages is None):
+        raise InvalidParameterError("give exactly one of `text` and `messages`", param="text")
+    text = body.text if body.text is not None else chat_texts(body.messages or [])[1]
+    options = routing_options(engine, "auto", body.routing)
+    decision = await run_in_threadpool(engine.route, text, options)
+    return RouteResponse(
+        adapters=[AdapterWeight(id=h.adapter_id, score=h.score, weight=h.weight)
+                  for h in decision.hits],
+        scores=decision.scores,
+        fallback=decision.fallback,
+        nearest=[NearestExemplar(adapter=e.adapter_id, text=e.text, score=e.score)
+                 for e in decision.nearest],
+        latency_ms=decision.latency_s * 1000,
+    )
+
+
+@router.post("/generate")
+async def generate(body: GenerateRequest, request: Request) -> JSONResponse:
+    engine = ready_engine(request)
+    if not body.prompt:
+        raise InvalidParameterError("prompt must not be empty", param="prompt")
+    prompt = (engine.render_chat([{"role": "user", "content": body.prompt}]) if body.chat
+              else body.prompt)
+    rid = f"gen-{uuid.uuid4().hex}"
+    run = await start_run(request, engine, body, body.model, [(prompt, body.prompt)], rid)
+    (text,) = await run.collect(request)
+    response = GenerateResponse(
+        id=rid, model=body.model, text=text, finish_reason=run.finish_reason(0),
+        usage=run.usage(), routing=run.routing(),
+    )
+    return JSONResponse(response.model_dump(), headers=run.headers())
+
+
+@router.post("/embeddings")
+async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingResponse:
+    engine = ready_engine(request)
+    embedder = engine.router.embedder
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise InvalidParameterError(
+            "input must be a string or a non-empty list of strings (token arrays are not "
+            "supported: the embedder has its own tokenizer)", param="input",
+        )
+    if body.dimensions is not None and body.dimensions != embedder.dim:
+        raise InvalidParameterError(
+            f"{embedder.name} has {embedder.dim} dimensions; it cannot return "
+            f"{body.dimensions}", param="dimensions",
+        )
+    vectors, tokens = await run_in_threadpool(
+        lambda: (embedder.encode(texts), embedder.count_tokens(texts))
+    )
+    return EmbeddingResponse(
+        data=[Embedding(index=i, embedding=_encoded(v, body.encoding_format))
+              for i, v in enumerate(vectors)],
+        model=embedder.name,
+        usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
+    )
+
+
+def _encoded(vector: np.ndarray, encoding_format: str) -> list[float] | str:
+    if encoding_format == "base64":  # what the openai client asks for by default
+        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+    return vector.tolist()
