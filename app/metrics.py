@@ -46,3 +46,12 @@ BATCH_SIZE = Histogram(
 FINISHED = Counter(
     "dynamerge_finished_requests_total", "Requests finished, by finish reason", ["reason"]
 )
+MERGE_CACHE_HITS = Counter("dynamerge_merge_cache_hits_total", "Virtual adapters reused")
+MERGE_CACHE_MISSES = Counter("dynamerge_merge_cache_misses_total", "Virtual adapters built")
+MERGE_CACHE_EVICTIONS = Counter(
+    "dynamerge_merge_cache_evictions_total", "Virtual adapters evicted for room"
+)
+MERGE_BUILD_SECONDS = Histogram(
+    "dynamerge_merge_build_seconds", "Time to build one virtual adapter, by method", ["method"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)

@@ -63,6 +63,22 @@ class Settings(BaseSettings):
     calibration_file: Path | None = None
     """JSON written by `dynamerge calibrate`; its temperature/threshold override the above."""
 
+    # --- merge methods (non-linear merges become cached "virtual adapters") --------------
+    max_virtual_adapters: int = Field(default=8, ge=1, le=1024)
+    """Slots for merged results of non-linear methods, beside the adapter slots."""
+    merge_storage: Literal["svd", "exact"] = "svd"
+    """How a non-linear merge is stored: truncated SVD at `merge_rank`, or exactly."""
+    merge_rank: int = Field(default=64, ge=1)
+    """Rank of SVD-stored merges."""
+    merge_cache_bytes: int = Field(default=1 << 30, ge=0)
+    """Memory budget of the virtual-adapter LRU cache."""
+    merge_prepared_bytes: int = Field(default=2 << 30, ge=0)
+    """Memory budget for memoised per-adapter merge preparations (masks, projections)."""
+    merge_weight_step: float = Field(default=0.01, gt=0, le=1)
+    """Routing weights are rounded to this step in the merge cache key."""
+    te_exemplars_per_task: int = Field(default=16, ge=2)
+    """Exemplars per task whose activations score TE-Merging's neuron relevance."""
+
     # --- generation -----------------------------------------------------------------------
     default_max_tokens: int = Field(default=128, ge=1)
     """max_tokens when a request gives none."""

@@ -6,6 +6,7 @@ from collections.abc import Mapping
 
 from adapters.errors import AdapterCapacityError, AdapterNotFoundError
 from adapters.registry import LoraAdapter
+from adapters.virtual import VirtualAdapter
 from app.engine.blended_lora import BlendedLoRALinear
 
 
@@ -20,6 +21,7 @@ class AdapterBank:
         self.layers = layers
         self.num_slots = num_slots
         self.adapters: dict[str, LoraAdapter] = {}
+        self.virtual: dict[str, VirtualAdapter] = {}  # merged results of non-linear methods
         self._slot_of: dict[str, int] = {}
 
     def base_shapes(self) -> dict[str, tuple[int, int]]:
@@ -30,7 +32,8 @@ class AdapterBank:
         return adapter_id in self._slot_of
 
     def ids(self) -> list[str]:
-        return list(self._slot_of)
+        """Real adapters, in load order (virtual ones are not listed)."""
+        return list(self.adapters)
 
     def slot_of(self, adapter_id: str) -> int:
         try:
@@ -40,17 +43,7 @@ class AdapterBank:
 
     def add(self, adapter: LoraAdapter) -> int:
         """Place `adapter` in a free slot (or its own, when replacing). Returns the slot."""
-        if adapter.id in self._slot_of:
-            slot = self._slot_of[adapter.id]
-        else:
-            taken = set(self._slot_of.values())
-            free = [s for s in range(self.num_slots) if s not in taken]
-            if not free:
-                raise AdapterCapacityError(
-                    f"all {self.num_slots} adapter slots are taken; raise DYNAMERGE_MAX_ADAPTERS"
-                    " or delete an adapter"
-                )
-            slot = free[0]
+        slot = self._slot_of[adapter.id] if adapter.id in self._slot_of else self._free_slot()
         for layer in self.layers.values():
             layer.clear_slot(slot)
         for name, module in adapter.modules.items():
@@ -59,9 +52,29 @@ class AdapterBank:
         self.adapters[adapter.id] = adapter
         return slot
 
+    def add_virtual(self, adapter: VirtualAdapter) -> int:
+        """Place a merged (virtual) adapter in a free slot, beside the stacks."""
+        slot = self._free_slot()
+        for name, module in adapter.modules.items():
+            self.layers[name].set_side(slot, module.A, module.B)
+        self._slot_of[adapter.id] = slot
+        self.virtual[adapter.id] = adapter
+        return slot
+
+    def _free_slot(self) -> int:
+        taken = set(self._slot_of.values())
+        for slot in range(self.num_slots):
+            if slot not in taken:
+                return slot
+        raise AdapterCapacityError(
+            f"all {self.num_slots} adapter slots are taken (adapters and cached merges); "
+            "raise DYNAMERGE_MAX_ADAPTERS or delete an adapter"
+        )
+
     def remove(self, adapter_id: str) -> None:
         slot = self.slot_of(adapter_id)
         for layer in self.layers.values():
             layer.clear_slot(slot)
         del self._slot_of[adapter_id]
-        del self.adapters[adapter_id]
+        self.adapters.pop(adapter_id, None)
+        self.virtual.pop(adapter_id, None)

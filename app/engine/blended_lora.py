@@ -22,6 +22,7 @@ class BlendBatch:
     """The adapter mix of every row of one forward pass, shared by all blended layers."""
 
     used: torch.Tensor  # [U] long: slots used by at least one row (U >= 1)
+    used_slots: tuple[int, ...]  # the same, as Python ints
     mix: torch.Tensor  # [batch, U]: mix[b, u] = summed weight of slot used[u] in row b
     # Per-layer gathered factors and per-rank weight columns, computed by the first forward that
     # uses this batch and reused by every later decode step while the batch is unchanged.
@@ -43,6 +44,7 @@ class BlendBatch:
                     mix[b, column[slot]] += weight
         return cls(
             used=torch.tensor(used, dtype=torch.long, device=device),
+            used_slots=tuple(used),
             mix=mix.to(device=device, dtype=dtype),
         )
 
@@ -72,6 +74,12 @@ class BlendedLoRALinear(nn.Module):
                                  used slots is one contiguous [U * r_max, out] matrix
 
     Slot tensors are allocated on first use, so modules no adapter targets cost nothing.
+
+    Virtual adapters (merged results of non-linear methods) live beside the stacks, in `side`:
+    `(A [r, in], Bt [r, out])` of any rank, or a dense delta `[out, in]`, so that one large
+    merge does not grow r_max for every slot. For them::
+
+        y[b] += mix[b, u] * (x[b] A^T) Bt      or      y[b] += mix[b, u] * x[b] D^T
     """
 
     def __init__(self, base: nn.Linear, context: BlendContext, num_slots: int) -> None:
@@ -81,6 +89,7 @@ class BlendedLoRALinear(nn.Module):
         self.num_slots = num_slots
         self.A: torch.Tensor | None = None
         self.Bt: torch.Tensor | None = None
+        self.side: dict[int, tuple[torch.Tensor, torch.Tensor] | torch.Tensor] = {}
 
     @property
     def in_features(self) -> int:
@@ -104,7 +113,17 @@ class BlendedLoRALinear(nn.Module):
         self.A[slot, :rank] = A.to(self.A)
         self.Bt[slot, :rank] = (scaling * B.float()).T.to(self.Bt)
 
+    def set_side(self, slot: int, A: torch.Tensor | None, B: torch.Tensor) -> None:
+        """Store a virtual adapter: factors (A [r, in], B [out, r]), or with A None a dense
+        delta B [out, in]."""
+        like = self.base.weight
+        if A is None:
+            self.side[slot] = B.to(like).contiguous()
+        else:
+            self.side[slot] = (A.to(like).contiguous(), B.to(like).T.contiguous())
+
     def clear_slot(self, slot: int) -> None:
+        self.side.pop(slot, None)
         if self.A is not None and self.Bt is not None:
             self.A[slot].zero_()
             self.Bt[slot].zero_()
@@ -125,11 +144,23 @@ class BlendedLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         batch = self.context.batch
-        if batch is None or self.A is None or self.Bt is None:
+        if batch is None:
             return y
-        A, Bt, scale = self._gathered(batch)
-        h = x @ A.T  # [batch, tokens, U * r]
-        return y + (h * scale) @ Bt
+        if self.A is not None:
+            A, Bt, scale = self._gathered(batch)
+            h = x @ A.T  # [batch, tokens, U * r]
+            y = y + (h * scale) @ Bt
+        if self.side:
+            for u, slot in enumerate(batch.used_slots):
+                part = self.side.get(slot)
+                if part is None:
+                    continue
+                weight = batch.mix[:, u, None, None]  # [batch, 1, 1]
+                if isinstance(part, tuple):
+                    y = y + weight * ((x @ part[0].T) @ part[1])
+                else:
+                    y = y + weight * (x @ part.T)
+        return y
 
     def _gathered(self, batch: BlendBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The used slots' factors, [U * r, in] and [U * r, out], and their row weights."""

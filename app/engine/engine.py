@@ -21,10 +21,12 @@ from dataclasses import dataclass
 from adapters.blend import AUTO_MODEL, BASE_MODEL, Blend, blend_for
 from adapters.errors import AdapterNotFoundError, IncompatibleAdapterError
 from adapters.registry import list_store, load_adapter
+from adapters.virtual import VirtualAdapter
 from app import metrics
 from app.engine.adapter_bank import AdapterBank
 from app.engine.base_model import load_base_model
 from app.engine.blended_lora import BlendContext, install_blended_layers
+from app.engine.merging import Merging, task_inputs_collector
 from app.engine.scheduler import Job, Scheduler
 from app.engine.stream import GenerationStream
 from app.engine.types import (
@@ -63,6 +65,7 @@ class Engine:
         self._in_flight = 0  # admitted and not finished
         self._slot_refs: Counter[int] = Counter()  # running requests per slot
         self._retired_slots: list[str] = []  # unregistered, cleared once nobody uses them
+        self._evicted: set[str] = set()  # virtual adapters evicted before they were placed
         self._worker: threading.Thread | None = None
         self._idle = threading.Condition()
 
@@ -72,10 +75,10 @@ class Engine:
         s = self.settings
         self.model, self.tokenizer, self.device, self.dtype = load_base_model(s)
         self.context = BlendContext()
-        layers = install_blended_layers(
-            self.model, set(s.lora_target_modules), self.context, s.max_adapters
-        )
-        self.bank = AdapterBank(layers, s.max_adapters)
+        slots = s.max_adapters + s.max_virtual_adapters
+        layers = install_blended_layers(self.model, set(s.lora_target_modules), self.context, slots)
+        self.bank = AdapterBank(layers, slots)
+        self.merging = Merging(s, self.bank, task_inputs_collector(self), self._retire)
         self.router = Router(
             Embedder(s.embedder_path),
             RoutingOptions(
@@ -157,26 +160,57 @@ class Engine:
                 f"request needs {needed} ({len(prompt_ids)} in the prompt + "
                 f"{request.sampling.max_tokens} to generate)"
             )
+        if not request.merge.is_linear:
+            self.merging.options(request.merge)  # a bad method or parameter fails fast
         decision = None
-        if request.model == AUTO_MODEL:
-            decision = self.route(request.route_text, request.routing)
-            _observe_decision(decision)
-        blend = blend_for(request.model, decision, self.settings.fallback_adapter)
+        if request.mix is not None:
+            blend = self._explicit_mix(request)
+        else:
+            if request.model == AUTO_MODEL:
+                decision = self.route(request.route_text, request.routing)
+                _observe_decision(decision)
+            blend = blend_for(request.model, decision, self.settings.fallback_adapter)
+        targets, cache_hit = blend, None
+        if blend and not request.merge.is_linear:
+            virtual, cache_hit = self.merging.virtual_for(blend, request.merge)
+            targets = ((virtual.id, 1.0),)
         with self._admit_lock:
             if self._in_flight >= self.settings.max_queue:
                 raise EngineOverloadedError(
                     f"{self._in_flight} requests in flight; retry later"
                 )
             with self._model_lock:  # slots cannot change while we pin them
-                rows = [(self.bank.slot_of(a), w) for a, w in blend]
+                if cache_hit is not None and targets[0][0] not in self.bank:
+                    self._place_virtual(virtual)
+                rows = [(self.bank.slot_of(a), w) for a, w in targets]
                 for slot, _ in rows:
                     self._slot_refs[slot] += 1
             self._in_flight += 1
             metrics.QUEUE_DEPTH.inc()
-        admission = Admission(request.request_id, decision, blend, len(prompt_ids))
+        admission = Admission(request.request_id, decision, blend, len(prompt_ids),
+                              method=request.merge.method, cache_hit=cache_hit)
         stream = GenerationStream(admission, loop)
         self._queue.put(Job(request, prompt_ids, rows, stream, time.perf_counter()))
         return stream
+
+    def _explicit_mix(self, request: GenerationRequest) -> Blend:
+        if request.model != AUTO_MODEL:
+            raise ValueError("an explicit adapter mix needs model 'auto'")
+        known = set(self.adapter_ids())
+        unknown = [a for a, _ in request.mix or () if a not in known]
+        if unknown:
+            raise AdapterNotFoundError(f"mix names unknown adapters: {unknown}")
+        return tuple((a, float(w)) for a, w in request.mix or () if w != 0)
+
+    def preview_merge(self, adapter_ids: list[str], max_modules: int = 24):
+        """Interference statistics of merging `adapter_ids` (see adapters.merge.preview)."""
+        known = set(self.adapter_ids())
+        unknown = [a for a in adapter_ids if a not in known]
+        if unknown:
+            raise AdapterNotFoundError(f"unknown adapters: {unknown}")
+        if not adapter_ids:
+            raise ValueError("preview needs at least one adapter")
+        return self.merging.preview(adapter_ids, max_modules)
 
     # --- adapters -------------------------------------------------------------------------
     def register_adapter(self, adapter_id: str) -> None:
@@ -191,6 +225,7 @@ class Engine:
             if adapter_id in self.bank:
                 raise IncompatibleAdapterError(f"adapter {adapter_id!r} is already registered")
             self.bank.add(adapter)
+        self.merging.forget(adapter_id)  # set-dependent preparations must see the new task
         self.router.add_task(adapter_id, adapter.exemplars)
 
     def unregister_adapter(self, adapter_id: str) -> None:
@@ -202,6 +237,25 @@ class Engine:
             self.router.remove_task(adapter_id)
             self._retired_slots.append(adapter_id)
             if self._slot_refs[slot] == 0:
+                self._reap_retired()
+        self.merging.forget(adapter_id)
+
+    def _place_virtual(self, virtual: VirtualAdapter) -> None:
+        """Put a merged adapter in a slot (under the model lock); if the cache no longer holds
+        it (evicted meanwhile), retire it at once so it leaves with its last request."""
+        self._reap_retired()
+        self.bank.add_virtual(virtual)
+        if virtual.id in self._evicted:
+            self._evicted.discard(virtual.id)
+            self._retired_slots.append(virtual.id)
+
+    def _retire(self, adapter_id: str) -> None:
+        """The merge cache evicted a virtual adapter: free its slot once nobody uses it."""
+        with self._model_lock:
+            if adapter_id not in self.bank:
+                self._evicted.add(adapter_id)  # not placed yet: retire it when it is
+            elif adapter_id not in self._retired_slots:
+                self._retired_slots.append(adapter_id)
                 self._reap_retired()
 
     def _reap_retired(self) -> None:

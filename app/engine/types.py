@@ -50,11 +50,29 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class MergeSpec:
+    """How the selected adapters are combined: a method of `adapters.merge.MERGE_METHODS`."""
+
+    method: str = "linear"
+    params: tuple[tuple[str, object], ...] = ()  # method parameters, e.g. (("density", 0.3),)
+    storage: str | None = None  # "svd" or "exact" for non-linear results; None: server default
+    rank: int | None = None  # truncated-SVD rank of a virtual adapter; None: server default
+
+    @property
+    def is_linear(self) -> bool:
+        return self.method == "linear"
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     prompt: str  # fully rendered prompt text (chat template already applied)
     route_text: str  # what the router embeds (for chat: the last user message)
     model: str = "auto"  # "auto" routes, "base" blends nothing, else one adapter id
     routing: RoutingOptions | None = None  # None: the server's defaults
+    merge: MergeSpec = field(default_factory=MergeSpec)
+    # Explicit (adapter id, weight) pairs instead of routing (static merges, exports); only
+    # with model "auto".
+    mix: tuple[tuple[str, float], ...] | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
 
@@ -76,5 +94,7 @@ class Admission:
 
     request_id: str
     decision: RouteDecision | None  # None when the model was forced (base or an adapter id)
-    blend: tuple[tuple[str, float], ...]  # (adapter id, weight) actually blended
+    blend: tuple[tuple[str, float], ...]  # (adapter id, weight) selected for the request
     prompt_tokens: int
+    method: str = "linear"  # merge method that combined them
+    cache_hit: bool | None = None  # virtual adapter reused from the cache (non-linear methods)

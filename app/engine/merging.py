@@ -1,0 +1,133 @@
+"""Per-request merge methods for the engine: validate, build or reuse a virtual adapter, preview.
+
+`linear` (task arithmetic, TR-Merging's Eq. 9) needs none of this: the blended layers compute
+it exactly. Every other method's result is cached as a virtual adapter, keyed by (sorted
+adapter ids, weights rounded to a step, method, params, storage).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+
+import torch
+
+from adapters.blend import Blend
+from adapters.merge import VirtualAdapterCache, VirtualKey, get_merge_method
+from adapters.merge.preview import InterferencePreview, preview
+from adapters.virtual import STORAGES, MergeFactory, MergeOptions, VirtualAdapter
+from app import metrics
+from app.engine.activations import collect_task_inputs
+from app.engine.adapter_bank import AdapterBank
+from app.engine.types import MergeSpec
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Merging:
+    """Owns the merge factory and the virtual-adapter cache of one engine."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        bank: AdapterBank,
+        collect_inputs: Callable[[], dict[str, dict[str, torch.Tensor]]],
+        on_evict: Callable[[str], None],
+    ) -> None:
+        self.settings = settings
+        self.bank = bank
+        self._on_evict = on_evict
+        self._collect_inputs = collect_inputs
+        self._inputs: dict[str, dict[str, torch.Tensor]] | None = None
+        self._inputs_lock = threading.Lock()
+        self.factory = MergeFactory(
+            bank.adapters, self._base_weight, self._task_inputs, settings.merge_prepared_bytes
+        )
+        self.cache: VirtualAdapterCache[VirtualAdapter] = VirtualAdapterCache(
+            settings.merge_cache_bytes,
+            weight_step=settings.merge_weight_step,
+            size_of=VirtualAdapter.nbytes,
+            on_hit=lambda _key: metrics.MERGE_CACHE_HITS.inc(),
+            on_miss=lambda _key: metrics.MERGE_CACHE_MISSES.inc(),
+            on_evict=lambda _key, value: (metrics.MERGE_CACHE_EVICTIONS.inc(),
+                                          on_evict(value.id)),
+            on_build=lambda key, seconds: metrics.MERGE_BUILD_SECONDS.labels(
+                method=key.method).observe(seconds),
+        )
+
+    def options(self, spec: MergeSpec) -> MergeOptions:
+        """Validated options of a request's merge; ValueError names the bad parameter."""
+        method = get_merge_method(spec.method)
+        storage = spec.storage or self.settings.merge_storage
+        if storage not in STORAGES:
+            raise ValueError(f"merge.storage must be one of {', '.join(STORAGES)}")
+        rank = spec.rank if spec.rank is not None else self.settings.merge_rank
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError("merge.rank must be an integer >= 1")
+        return MergeOptions(params=method.params(**dict(spec.params)), storage=storage, rank=rank)
+
+    def virtual_for(self, blend: Blend, spec: MergeSpec) -> tuple[VirtualAdapter, bool]:
+        """The merged adapter for `blend` under `spec`, from the cache or built now."""
+        options = self.options(spec)
+        ids = [a for a, _ in blend]
+        key = self.cache.key(ids, [w for _, w in blend], spec.method, options)
+        return self.cache.get_or_build(key, lambda: self._build(key, options))
+
+    def forget(self, adapter_id: str) -> None:
+        """An adapter left: drop cached merges and preparations that used it."""
+        self.factory.forget(adapter_id)
+        for _key, virtual in self.cache.invalidate(adapter_id):
+            self._on_evict(virtual.id)
+        with self._inputs_lock:
+            self._inputs = None
+
+    def preview(self, adapter_ids: Sequence[str], max_modules: int) -> InterferencePreview:
+        """Interference statistics over up to `max_modules` evenly spaced modules."""
+        modules = sorted({m for a in adapter_ids for m in self.bank.adapters[a].modules},
+                         key=_module_order)
+        step = max(1, len(modules) // max_modules)
+        chosen = modules[::step][:max_modules]
+        return preview(
+            {m: self.factory.deltas(adapter_ids, m) for m in chosen},
+            base_weights={m: self._base_weight(m) for m in chosen},
+            task_inputs={m: self._task_inputs(adapter_ids, m) for m in chosen},
+            adapter_ids=list(adapter_ids),
+        )
+
+    def _build(self, key: VirtualKey, options: MergeOptions) -> VirtualAdapter:
+        virtual = self.factory.build(key, options)
+        log.info("built %s for %s in %.2f s (relative error %.4f)", virtual.id,
+                 dict(zip(key.adapter_ids, key.weights, strict=True)), virtual.build_seconds,
+                 virtual.relative_error)
+        return virtual
+
+    def _base_weight(self, module: str) -> torch.Tensor:
+        return self.bank.layers[module].base.weight.detach().float().cpu()
+
+    def _task_inputs(self, adapter_ids: Sequence[str], module: str) -> list[torch.Tensor]:
+        with self._inputs_lock:
+            if self._inputs is None:
+                self._inputs = self._collect_inputs()
+            inputs = self._inputs
+        return [inputs[module][a] for a in adapter_ids]
+
+
+def _module_order(name: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else p for p in name.split("."))
+
+
+def task_inputs_collector(engine) -> Callable[[], dict[str, dict[str, torch.Tensor]]]:
+    """Collect TE's exemplar activations through `engine`'s model, holding its model lock."""
+
+    def collect() -> dict[str, dict[str, torch.Tensor]]:
+        exemplars = {a.id: a.exemplars for a in engine.bank.adapters.values()}
+        with engine._model_lock:
+            return collect_task_inputs(
+                engine.model, engine.bank.layers, engine.tokenizer,
+                lambda text: engine.render_chat([{"role": "user", "content": text}]),
+                exemplars, engine.settings.te_exemplars_per_task,
+            )
+
+    return collect
