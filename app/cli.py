@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 # Nothing is ever downloaded at run time: models come from packages and local directories.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,6 +36,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--seed", type=int, default=None)
     _routing_flags(generate)
+
+    calibrate = sub.add_parser(
+        "calibrate", help="choose the router's temperature and fallback threshold (held out)"
+    )
+    calibrate.add_argument("--out", type=Path, default=None,
+                           help="JSON to write (default: DYNAMERGE_CALIBRATION_FILE, else "
+                           "./calibration.json)")
+    calibrate.add_argument("--ood", type=Path, default=None,
+                           help="JSONL of out-of-domain prompts (default: the packaged 40)")
+    calibrate.add_argument("--folds", type=int, default=4, help="cross-fitting folds")
+    calibrate.add_argument("--max-false-fallback", type=float, default=0.0,
+                           help="share of in-domain prompts allowed to fall back")
+    calibrate.add_argument("--top-k", type=int, default=None, help="also fix top_k")
+
+    merge = sub.add_parser("merge", help="write a static merge as a PEFT LoRA adapter")
+    merge.add_argument("--adapters", required=True, help="comma-separated adapter ids")
+    merge.add_argument("--weights", required=True, help="comma-separated weights")
+    merge.add_argument("--method", default="ties", help="a merge method (see adapters/merge)")
+    merge.add_argument("--rank", type=int, default=64, help="SVD rank of the written adapter")
+    merge.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                       help="a method parameter, e.g. density=0.3 (repeatable)")
+    merge.add_argument("--out", required=True, help="output directory")
 
     zoo = sub.add_parser("zoo", help="the embedded demo zoo")
     zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
@@ -119,6 +142,42 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from adapters.export import write_peft_adapter
+    from app.engine.types import MergeSpec
+
+    ids = [a.strip() for a in args.adapters.split(",") if a.strip()]
+    weights = [float(w) for w in args.weights.split(",")]
+    if len(ids) != len(weights):
+        raise SystemExit(f"{len(ids)} adapters but {len(weights)} weights")
+    params = tuple((name, _number(value)) for name, _, value in
+                   (p.partition("=") for p in args.param))
+    engine = _engine()
+    unknown = [a for a in ids if a not in engine.adapter_ids()]
+    if unknown:
+        raise SystemExit(f"unknown adapters: {unknown}")
+    spec = MergeSpec(method=args.method, params=params, storage="svd", rank=args.rank)
+    virtual = engine.merging.build_static(tuple(zip(ids, weights, strict=True)), spec)
+    exemplars = [t for a in ids for t in engine.bank.adapters[a].exemplars]
+    out = write_peft_adapter(virtual, Path(args.out), str(engine.settings.base_model or
+                             "SmolLM2-135M-Instruct"), exemplars)
+    print(f"wrote {out} ({args.method}, rank {args.rank}, relative Frobenius error "
+          f"{virtual.relative_error:.4f}, {virtual.build_seconds:.1f} s)")
+    engine.shutdown()
+    return 0
+
+
+def _number(text: str) -> object:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
 def _zoo(args: argparse.Namespace) -> int:
     from adapters.zoo import evaluate as zoo_eval
     from adapters.zoo import train as zoo_train
@@ -137,7 +196,24 @@ def _zoo(args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"serve": _serve, "route": _route, "generate": _generate, "zoo": _zoo}
+def _calibrate(args: argparse.Namespace) -> int:
+    from app.settings import Settings
+    from router_index.calibrate import format_tables, run_for_settings
+
+    calibration, path = run_for_settings(
+        Settings(), args.out, args.ood, args.folds, args.max_false_fallback, args.top_k
+    )
+    print(format_tables(calibration))
+    print(f"\nwrote {path}: temperature={calibration.temperature:g} "
+          f"threshold={calibration.threshold:g}")
+    print(f"serve with DYNAMERGE_CALIBRATION_FILE={path.resolve()}")
+    return 0
+
+
+_COMMANDS = {
+    "serve": _serve, "route": _route, "generate": _generate, "zoo": _zoo,
+    "calibrate": _calibrate,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

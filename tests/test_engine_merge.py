@@ -121,3 +121,33 @@ def test_eviction_respects_the_budget_and_frees_slots(micro_engine):
         assert len(live) <= cache.stats().entries + 1  # evicted merges left their slots
     finally:
         cache.budget_bytes = budget
+
+
+def test_static_export_loads_in_peft_and_in_our_registry(micro_zoo, micro_engine, tmp_path):
+    """`dynamerge merge --out`: at full rank the written adapter is the merge, exactly."""
+    from peft import PeftModel
+
+    from adapters.export import write_peft_adapter
+    from adapters.registry import load_adapter
+
+    spec = MergeSpec(method="ties", params=(("density", 0.5),), storage="svd", rank=128)
+    virtual = micro_engine.merging.build_static(MIX, spec)
+    assert virtual.relative_error < 1e-5
+    store = tmp_path / "store"
+    write_peft_adapter(virtual, store / "merged", "micro", ["a prompt"])
+
+    exported = load_adapter(store, "merged", micro_engine.bank.base_shapes())
+    for name, module in virtual.modules.items():
+        torch.testing.assert_close(exported.modules[name].delta(), module.B @ module.A,
+                                   atol=1e-5, rtol=0)
+    base = AutoModelForCausalLM.from_pretrained(micro_zoo.base_dir, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, store / "merged").eval()
+    input_ids = torch.randint(0, 400, (1, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = peft_model(input_ids=input_ids).logits
+    micro_engine.bank.add_virtual(virtual)
+    try:
+        ours = _virtual_logits(micro_engine, virtual.id, input_ids)
+    finally:
+        micro_engine.bank.remove(virtual.id)
+    torch.testing.assert_close(ours, reference, atol=1e-4, rtol=0)

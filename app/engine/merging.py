@@ -75,6 +75,12 @@ class Merging:
         key = self.cache.key(ids, [w for _, w in blend], spec.method, options)
         return self.cache.get_or_build(key, lambda: self._build(key, options))
 
+    def build_static(self, blend: Blend, spec: MergeSpec) -> VirtualAdapter:
+        """A merge built outside the cache and the slots (static exports)."""
+        options = self.options(spec)
+        key = self.cache.key([a for a, _ in blend], [w for _, w in blend], spec.method, options)
+        return self._build(key, options)
+
     def forget(self, adapter_id: str) -> None:
         """An adapter left: drop cached merges and preparations that used it."""
         self.factory.forget(adapter_id)
