@@ -11,6 +11,7 @@ Contract (what the server uses; nothing here knows HTTP):
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import queue
 import threading
@@ -79,14 +80,7 @@ class Engine:
         layers = install_blended_layers(self.model, set(s.lora_target_modules), self.context, slots)
         self.bank = AdapterBank(layers, slots)
         self.merging = Merging(s, self.bank, task_inputs_collector(self), self._retire)
-        self.router = Router(
-            Embedder(s.embedder_path),
-            RoutingOptions(
-                top_k=s.top_k, temperature=s.temperature, threshold=s.threshold,
-                scoring=s.scoring, sharpening=s.sharpening, renormalize=s.renormalize,
-                knn_m=s.knn_m,
-            ),
-        )
+        self.router = Router(Embedder(s.embedder_path), routing_defaults(s))
         ids = s.adapters if s.adapters is not None else list_store(s.adapter_store)
         shapes = self.bank.base_shapes()
         for adapter_id in ids:
@@ -307,6 +301,21 @@ class Engine:
             self._queue.put(None)
             self._worker.join(timeout=10)
             self._worker = None
+
+
+def routing_defaults(settings: Settings) -> RoutingOptions:
+    """The server's routing options: settings, overridden by a calibration file if given."""
+    values: dict[str, object] = {
+        "top_k": settings.top_k, "temperature": settings.temperature,
+        "threshold": settings.threshold, "scoring": settings.scoring,
+        "sharpening": settings.sharpening, "renormalize": settings.renormalize,
+        "knn_m": settings.knn_m,
+    }
+    if settings.calibration_file is not None:
+        calibrated = json.loads(settings.calibration_file.read_text(encoding="utf-8"))
+        values.update({k: calibrated[k] for k in values if calibrated.get(k) is not None})
+        log.info("routing calibrated from %s: %s", settings.calibration_file, values)
+    return RoutingOptions(**values)
 
 
 def _observe_decision(decision: RouteDecision) -> None:
