@@ -13,7 +13,7 @@ import contextlib
 import logging
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from types import FrameType
 
@@ -67,8 +67,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.warning("shutting down before the engine finished loading")
     if app.state.owns_engine:
         engine.draining = True
-        # uvicorn has already waited for open requests; this catches the last cancelled steps.
-        if not await asyncio.to_thread(engine.drain, app.state.settings.drain_timeout_s):
+        # uvicorn has already spent the drain budget waiting for open requests (and cancelled
+        # those past it): what remains are sequences stopping at their next step.
+        if not await asyncio.to_thread(engine.drain, min(app.state.settings.drain_timeout_s, 5)):
             log.warning("requests still running after the drain timeout")
         await asyncio.to_thread(engine.shutdown)
 
@@ -180,6 +181,15 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.on_exit()
         super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn re-raises SIGTERM/SIGINT after a graceful shutdown, so the process dies by
+        the signal (exit 143). A drained server has done what the signal asked: exit 0, as
+        orchestrators expect from a clean stop."""
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()
 
 
 def server_for(app: FastAPI, **config: object) -> DrainingServer:
