@@ -259,3 +259,22 @@ class AdapterResponse(BaseModel):
     object: Literal["model"] = "model"
     status: Literal["registered", "deleted"]
     adapters: list[str]  # every adapter loaded after the change
+
+
+class MergePreviewRequest(_Strict):
+    """Either the adapters to merge, or a prompt that is routed first (its top-K)."""
+
+    adapters: list[str] | None = None
+    prompt: str | None = None
+    routing: RoutingParams | None = None
+    max_modules: int = Field(default=24, ge=1, le=100_000)  # evenly spaced modules inspected
+
+
+class MergePreviewResponse(BaseModel):
+    adapters: list[str]
+    modules: int  # modules inspected
+    cosine: list[list[float]]  # [K][K] cosine similarity of the task vectors
+    sign_conflict_total: float  # entries where nonzero task-vector entries disagree in sign
+    sign_conflict: dict[str, float]  # per module
+    removed_mass: dict[str, dict[str, float]]  # method -> adapter -> share of L1 mass pruned
+    parallel_fraction: dict[str, float] | None  # adapter -> energy along the pre-trained rows

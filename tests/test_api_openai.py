@@ -165,3 +165,15 @@ def test_embeddings_through_the_client(client: openai.OpenAI) -> None:
     floats = client.embeddings.create(input="What is 2 plus 2?", model="any",
                                       encoding_format="float")
     assert floats.data[0].embedding == pytest.approx(vector, abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "neuro", "twin"])
+def test_merge_method_per_request_is_cached(client: openai.OpenAI, method: str) -> None:
+    merge = {"method": method, "rank": 8}
+    body = {"merge": merge, "routing": {"top_k": 2}}
+    first, _ = _chat(client, MATH, extra_body=body, temperature=0)
+    again, _ = _chat(client, MATH, extra_body=body, temperature=0)
+    assert first.routing["method"] == again.routing["method"] == method
+    assert len(first.routing["adapters"]) == 2
+    assert again.routing["cache_hit"] is True
+    assert again.choices[0].message.content == first.choices[0].message.content

@@ -134,3 +134,28 @@ def test_health_ready_and_metrics(http: httpx.Client) -> None:
     assert 'endpoint="/v1/chat/completions",model="unknown",status="404"' in text
     assert 'dynamerge_requests_total{endpoint="/ready",model="",status="200"}' in text
     assert "dynamerge_time_to_first_token_seconds_count" in text
+
+
+def test_merge_preview_for_adapters_and_for_a_routed_prompt(http: httpx.Client) -> None:
+    body = http.post("/v1/merge/preview",
+                     json={"adapters": ["math", "cooking"], "max_modules": 6}).json()
+    assert body["adapters"] == ["math", "cooking"] and 1 <= body["modules"] <= 6
+    assert len(body["cosine"]) == 2 and body["cosine"][0][0] == pytest.approx(1.0)
+    assert 0.0 <= body["sign_conflict_total"] <= 1.0
+    assert {"ties", "dare_ties", "neuro", "te"} <= set(body["removed_mass"])
+    assert 0 < body["removed_mass"]["ties"]["math"] < 1
+    assert set(body["parallel_fraction"]) == {"math", "cooking"}
+    routed = http.post("/v1/merge/preview", json={
+        "prompt": MATH, "routing": {"top_k": 2}, "max_modules": 4}).json()
+    assert routed["adapters"][0] == "math" and len(routed["adapters"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("payload", "status"),
+    [({"adapters": ["math", "nope"]}, 404), ({}, 400), ({"adapters": ["math"], "prompt": "x"}, 400),
+     ({"adapters": ["math"], "max_modules": 0}, 422)],
+)
+def test_merge_preview_errors(http: httpx.Client, payload: dict, status: int) -> None:
+    response = http.post("/v1/merge/preview", json=payload)
+    assert response.status_code == status
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}

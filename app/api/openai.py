@@ -15,8 +15,9 @@ from fastapi.responses import JSONResponse, Response
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from app.api.deps import Run, chat_texts, ready_engine, require_api_key, start_run
+from app.api.deps import chat_texts, ready_engine, require_api_key
 from app.api.errors import InvalidParameterError, error_body
+from app.api.runs import Run, start_run
 from app.engine.types import TokenEvent
 from app.protocol import (
     AssistantMessage,

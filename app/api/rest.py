@@ -20,9 +20,9 @@ from app.api.deps import (
     ready_engine,
     require_api_key,
     routing_options,
-    start_run,
 )
 from app.api.errors import InvalidParameterError
+from app.api.runs import start_run
 from app.protocol import (
     AdapterWeight,
     Embedding,
@@ -31,6 +31,8 @@ from app.protocol import (
     EmbeddingUsage,
     GenerateRequest,
     GenerateResponse,
+    MergePreviewRequest,
+    MergePreviewResponse,
     NearestExemplar,
     RouteRequest,
     RouteResponse,
@@ -74,6 +76,34 @@ async def generate(body: GenerateRequest, request: Request) -> JSONResponse:
         usage=run.usage(), routing=run.routing(),
     )
     return JSONResponse(response.model_dump(), headers=run.headers())
+
+
+@router.post("/merge/preview")
+async def merge_preview(body: MergePreviewRequest, request: Request) -> MergePreviewResponse:
+    """Interference statistics of merging some adapters, before anything is served."""
+    engine = ready_engine(request)
+    if (body.adapters is None) == (body.prompt is None):
+        raise InvalidParameterError("give exactly one of `adapters` and `prompt`",
+                                    param="adapters")
+    ids = body.adapters
+    if ids is None:
+        decision = await run_in_threadpool(
+            engine.route, body.prompt, routing_options(engine, "auto", body.routing))
+        ids = [hit.adapter_id for hit in decision.hits]
+        if not ids:
+            raise InvalidParameterError("the prompt falls back to the base model: nothing "
+                                        "to merge", param="prompt")
+    stats = await run_in_threadpool(engine.preview_merge, list(ids), body.max_modules)
+    return MergePreviewResponse(
+        adapters=list(ids),
+        modules=len(stats.sign_conflict),
+        cosine=stats.cosine,
+        sign_conflict_total=stats.sign_conflict_total,
+        sign_conflict=stats.sign_conflict,
+        removed_mass={m: dict(zip(ids, f, strict=True)) for m, f in stats.removed_mass.items()},
+        parallel_fraction=None if stats.parallel_fraction is None
+        else dict(zip(ids, stats.parallel_fraction, strict=True)),
+    )
 
 
 @router.post("/embeddings")

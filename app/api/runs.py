@@ -1,0 +1,181 @@
+"""From a parsed request to engine streams and back: admission off the event loop, n streams
+merged, cancellation when the client goes away."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+from fastapi import Request
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive
+
+from app.api.deps import (
+    check_model,
+    get_settings,
+    merge_spec,
+    note_model,
+    routing_options,
+    sampling_params,
+)
+from app.api.errors import GenerationCancelledError, GenerationFailedError, InvalidParameterError
+from app.engine.engine import Engine
+from app.engine.stream import GenerationStream
+from app.engine.types import GenerationRequest, SamplingParams, TokenEvent
+from app.protocol import AdapterWeight, RoutingInfo, SamplingFields, Usage
+
+# The engine's finish reasons that complete a request; the others become table errors.
+_FINISH_REASONS = {"stop": "stop", "length": "length"}
+ADAPTERS_HEADER = "x-dynamerge-adapters"
+
+def _submit_all(
+    engine: Engine, requests: list[GenerationRequest], loop: asyncio.AbstractEventLoop
+) -> list[GenerationStream]:
+    streams: list[GenerationStream] = []
+    try:
+        for request in requests:
+            streams.append(engine.submit(request, loop))
+    except BaseException:
+        for stream in streams:  # all n or none: a 429 on the third must not orphan two
+            stream.cancel()
+        raise
+    return streams
+
+
+class Run:
+    """The engine streams of one HTTP request (prompts x n, prompt-major) and their blend."""
+
+    def __init__(self, streams: list[GenerationStream], n: int) -> None:
+        self.streams = streams
+        self.n = n
+        self.finals: list[TokenEvent | None] = [None] * len(streams)
+
+    @classmethod
+    async def start(
+        cls, engine: Engine, requests: list[GenerationRequest], n: int
+    ) -> Run:
+        """Admit every request; routing and admission run in a worker thread, off the loop."""
+        loop = asyncio.get_running_loop()
+        return cls(await run_in_threadpool(_submit_all, engine, requests, loop), n)
+
+    def routing(self, i: int = 0) -> RoutingInfo:
+        admission = self.streams[i].admission
+        scores = admission.decision.scores if admission.decision is not None else {}
+        return RoutingInfo(
+            adapters=[AdapterWeight(id=a, score=scores.get(a), weight=w)
+                      for a, w in admission.blend],
+            method=admission.method,
+            fallback=admission.decision is not None and admission.decision.fallback,
+            cache_hit=bool(admission.cache_hit),
+        )
+
+    def headers(self) -> dict[str, str]:
+        blend = self.streams[0].admission.blend
+        return {ADAPTERS_HEADER: ",".join(f"{a}={w:.3f}" for a, w in blend) or "base"}
+
+    def usage(self) -> Usage:
+        prompt = sum(s.admission.prompt_tokens for s in self.streams[:: self.n])
+        completion = sum(e.completion_tokens for e in self.finals if e is not None)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion,
+                     total_tokens=prompt + completion)
+
+    def finish_reason(self, i: int) -> str:
+        event = self.finals[i]
+        reason = event.finish_reason if event is not None else None
+        if reason == "cancelled":
+            raise GenerationCancelledError("the request was cancelled before it finished")
+        if reason not in _FINISH_REASONS:
+            raise GenerationFailedError("generation failed; see the server log")
+        return _FINISH_REASONS[reason]
+
+    def cancel(self) -> None:
+        for stream in self.streams:
+            stream.cancel()  # a no-op for streams that already finished
+
+    async def events(self) -> AsyncIterator[tuple[int, TokenEvent]]:
+        """(stream index, event) as they arrive across all streams; errors raise at the end."""
+        queue: asyncio.Queue[tuple[int, TokenEvent]] = asyncio.Queue()
+
+        async def pump(i: int, stream: GenerationStream) -> None:
+            async for event in stream:
+                queue.put_nowait((i, event))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(self.streams)]
+        try:
+            left = len(self.streams)
+            while left:
+                i, event = await queue.get()
+                if event.finish_reason is not None:
+                    left -= 1
+                    self.finals[i] = event
+                    self.finish_reason(i)  # raises for "error" / "cancelled"
+                yield i, event
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def collect(self, request: Request) -> list[str]:
+        """Every stream's whole text. If the client hangs up first, cancel and stop."""
+
+        async def read(i: int, stream: GenerationStream) -> str:
+            parts = []
+            async for event in stream:
+                parts.append(event.text)
+                self.finals[i] = event if event.finish_reason is not None else None
+            return "".join(parts)
+
+        reading = asyncio.gather(*(read(i, s) for i, s in enumerate(self.streams)))
+        watching = asyncio.ensure_future(_disconnected(request.receive))
+        try:
+            await asyncio.wait({reading, watching}, return_when=asyncio.FIRST_COMPLETED)
+            if not reading.done():
+                raise ClientDisconnect()
+            texts = reading.result()
+        finally:
+            watching.cancel()
+            reading.cancel()
+            self.cancel()
+        for i in range(len(self.streams)):
+            self.finish_reason(i)
+        return texts
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def start_run(
+    request: Request, engine: Engine, body: SamplingFields, model: str,
+    prompts: list[tuple[str, str]], rid: str, n: int = 1,
+) -> Run:
+    """Validate everything, then admit `n` sequences per (prompt, route text) pair.
+
+    All checks happen here, before any byte of a response, so that streaming requests still
+    fail with a proper status.
+    """
+    settings = get_settings(request)
+    note_model(request, engine, model)
+    check_model(engine, model)
+    if not 1 <= n <= settings.max_n:
+        raise InvalidParameterError(f"n must be in [1, {settings.max_n}], got {n}", param="n")
+    merge = merge_spec(engine, body.merge)
+    routing = routing_options(engine, model, body.routing)
+    sampling = sampling_params(settings, body)
+    requests = [
+        GenerationRequest(
+            prompt=prompt, route_text=route_text, model=model, routing=routing, merge=merge,
+            sampling=_seeded(sampling, k),
+            request_id=f"{rid}-{j * n + k}",
+        )
+        for j, (prompt, route_text) in enumerate(prompts)
+        for k in range(n)
+    ]
+    return await Run.start(engine, requests, n)
+
+
+def _seeded(params: SamplingParams, k: int) -> SamplingParams:
+    """Choice k of n uses seed + k, so each choice is reproducible on its own."""
+    return params if params.seed is None else replace(params, seed=params.seed + k)
