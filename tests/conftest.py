@@ -10,9 +10,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from adapters.zoo.micro import MicroZoo, build_micro_zoo  # noqa: E402
-from app.engine.engine import Engine  # noqa: E402
-from app.settings import Settings  # noqa: E402
+from adapters.zoo.micro import MicroZoo, build_micro_zoo
+from app.engine.engine import Engine
+from app.settings import Settings
 
 
 @pytest.fixture(scope="session")
