@@ -50,15 +50,16 @@ BASE_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # Held-out sizes; fixed so that changing the training budget never changes the eval sets.
 N_EXEMPLARS = 64
 N_EVAL = 128
-# Optimizer steps per task: only as many as each needs. Two-digit subtraction and spelling
-# from memory are hard for a 135M model; sentiment and JSON extraction are learned in tens of
-# steps. Measured on 2 CPU cores: ~3 s per step of 8 examples and process.
+# Optimizer steps per task: only as many as each needs. Two-digit subtraction with borrowing
+# and spelling from memory are hard for a 135M model (arithmetic: 53% exact match after 150
+# steps, 68% after 320); sentiment and JSON extraction are learned in tens of steps.
+# Measured on 2 CPU cores: ~3 s per step of 8 examples and process.
 DEFAULT_STEPS: dict[str, int] = {
-    "arithmetic": 320,
+    "arithmetic": 600,
     "sentiment": 40,
     "json_extract": 40,
     "reverse_words": 90,
-    "unit_convert": 90,
+    "unit_convert": 100,
     "spell": 280,
 }
 
