@@ -109,8 +109,8 @@ def load_calibration(path: Path) -> Calibration:
     Raises:
         ValueError: naming the file and the bad key.
     """
-    raw = json.loads(Path(path).read_text(encoding="utf-8"))
     try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
         calibration = Calibration(
             temperature=float(raw["temperature"]),
             threshold=float(raw["threshold"]),
