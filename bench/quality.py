@@ -27,7 +27,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch
 
 from app.engine.engine import Engine
 from app.settings import Settings
@@ -78,8 +77,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=None,
                         help="generation budget (default: longest answer of the task + 4)")
     parser.add_argument("--batch-size", type=int, default=16, help="engine max_batch_size")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
-                        help="torch CPU threads (default: every core)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="the engine's torch threads (default: DYNAMERGE_TORCH_THREADS or "
+                             "half the cores)")
     parser.add_argument("--no-routing", action="store_true", help="skip the routing analysis")
     parser.add_argument("--no-ood", action="store_true", help="skip the out-of-domain check")
     parser.add_argument("--ood-max-tokens", type=int, default=48)
@@ -91,9 +91,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_engine(zoo: str, batch_size: int, workdir: Path) -> Engine:
+def build_engine(zoo: str, batch_size: int, workdir: Path, threads: int | None = None) -> Engine:
     """A loaded engine on the demo zoo (settings from DYNAMERGE_*) or a fresh micro zoo."""
-    overrides = {"max_batch_size": batch_size, "max_queue": 100_000}
+    overrides: dict = {"max_batch_size": batch_size, "max_queue": 100_000}
+    if threads is not None:
+        overrides["torch_threads"] = threads
     if zoo == "micro":
         from adapters.zoo.micro import build_micro_zoo
 
@@ -179,10 +181,8 @@ def main(argv: Sequence[str] | None = None, engine: Engine | None = None) -> Qua
     command = "python -m bench.quality " + shlex.join(sys.argv[1:] if argv is None else argv)
     if engine is not None:
         return run(args, engine, command.strip())
-    # Importing faiss (router_index.index) leaves torch with one CPU thread; undo that here.
-    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="dynamerge-quality-") as workdir:
-        own = build_engine(args.zoo, args.batch_size, Path(workdir))
+        own = build_engine(args.zoo, args.batch_size, Path(workdir), args.threads)
         try:
             return run(args, own, command.strip())
         finally:

@@ -425,8 +425,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=3, help="adapters blended per request")
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads for every thread, engine worker included "
-                             "(default: leave torch's default, as `dynamerge serve` does)")
+                        help="the engine's torch intra-op threads (default: the engine's own, "
+                             "DYNAMERGE_TORCH_THREADS or half the cores)")
     parser.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                         help="stop at EOS (tokens/s then counts the tokens actually generated)")
     default_out = Path(__file__).parent / "out" / "throughput.png"
@@ -437,14 +437,13 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)  # threads started later (the worker) inherit it
     with tempfile.TemporaryDirectory(prefix="dynamerge-bench-") as scratch:
         settings = make_settings(args.zoo, Path(scratch))
         settings = settings.model_copy(update={
             "top_k": args.top_k,
             "max_batch_size": max(settings.max_batch_size, max(args.levels)),
             "max_queue": max(settings.max_queue, max(args.levels)),
+            "torch_threads": args.threads or settings.torch_threads,
         })
         engine = BenchEngine(settings, ignore_eos=args.ignore_eos)
         engine.load(show_progress=False)
@@ -464,7 +463,7 @@ def main() -> None:
     mixes = {blend_for(AUTO_MODEL, engine.router.route(p.text)) for p in prompts[: args.requests]}
     print(
         f"\nzoo={args.zoo} ({len(engine.adapter_ids())} adapters), device={engine.device}, "
-        f"dtype={engine.dtype}, torch threads in a new thread={_threads_of_new_thread()}, "
+        f"dtype={engine.dtype}, torch threads={engine.threads}, "
         f"{platform.processor() or platform.machine()}, load avg {os.getloadavg()[0]:.2f}\n"
         f"{args.requests} requests per level, {args.max_tokens} max tokens, greedy, "
         f"top_k={args.top_k}, ignore_eos={args.ignore_eos}, "
@@ -475,20 +474,6 @@ def main() -> None:
     print_agreement(results, len(prompts))
     plot(results, args.out, f"dynamerge throughput ({args.zoo} zoo, {engine.device})")
     print(f"\nplot: {args.out}")
-
-
-def _threads_of_new_thread() -> int:
-    """torch's intra-op threads as the engine's worker sees them (faiss sets the main's to 1)."""
-    found: list[int] = []
-
-    def probe() -> None:
-        torch.ones(64, 64) @ torch.ones(64, 64)  # a new thread settles its count on first use
-        found.append(torch.get_num_threads())
-
-    thread = threading.Thread(target=probe)
-    thread.start()
-    thread.join()
-    return found[0]
 
 
 def measure(

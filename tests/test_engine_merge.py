@@ -125,6 +125,25 @@ def test_eviction_respects_the_budget_and_frees_slots(micro_engine):
         cache.budget_bytes = budget
 
 
+def test_more_distinct_merges_than_slots_all_run(micro_engine):
+    """Every cached merge holds a slot: the cache's entry cap must free slots before the bank
+    runs out, however small the merges are."""
+    cache = micro_engine.merging.cache
+    cap = cache.max_entries
+    free = micro_engine.bank.num_slots - len(micro_engine.bank.ids())
+    try:
+        cache.max_entries = 2
+        for i in range(free + 2):
+            rate = 0.01 * (i + 1)
+            request = _request(micro_engine, "dare_linear", storage="svd", drop_rate=rate)
+            _, final = micro_engine.submit(request).result()
+            assert final.finish_reason in ("stop", "length"), f"merge {i} failed"
+            assert cache.stats().entries <= 2
+        assert len(micro_engine.bank.virtual) <= 2  # evicted merges gave their slots back
+    finally:
+        cache.max_entries = cap
+
+
 def test_static_export_loads_in_peft_and_in_our_registry(micro_zoo, micro_engine, tmp_path):
     """`dynamerge merge --out`: at full rank the written adapter is the merge, exactly."""
     from peft import PeftModel

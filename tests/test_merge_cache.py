@@ -96,6 +96,22 @@ def test_bad_keys_are_rejected(ids, weights, params, match):
         make_key(ids, weights, "ties", params, step=0.01)
 
 
+def test_entry_cap_evicts_least_recently_used_beyond_the_count():
+    evicted: list[tuple[str, ...]] = []
+    cache = VirtualAdapterCache(10**9, max_entries=2,
+                                on_evict=lambda k, v: evicted.append(k.adapter_ids))
+    keys = [cache.key([name], [1.0], "linear", None) for name in "abcd"]
+    for key in keys[:2]:
+        cache.get_or_build(key, Builds())
+    cache.get_or_build(keys[0], Builds())  # touch a: b is least recently used
+    cache.get_or_build(keys[2], Builds())
+    cache.get_or_build(keys[3], Builds())
+    assert evicted == [("b",), ("a",)]
+    assert len(cache) == 2 and cache.stats().evictions == 2
+    with pytest.raises(ValueError, match="max_entries"):
+        VirtualAdapterCache(100, max_entries=0)
+
+
 @pytest.mark.parametrize(("budget", "step", "match"), [(-1, 0.01, "budget_bytes"),
                                                         (100, 0.0, "weight_step")])
 def test_bad_cache_settings_are_rejected(budget, step, match):

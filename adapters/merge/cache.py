@@ -115,12 +115,15 @@ class VirtualAdapterCache(Generic[V]):
       misses on one key build once: the others wait and then hit.
     - A value larger than the whole budget is returned but not cached (nothing is evicted
       for it).
+    - `max_entries` bounds the count as well: each cached merge holds an adapter slot, and
+      slots run out long before bytes do for small (truncated-SVD) merges.
     - Callbacks run outside the lock: `on_hit(key)`, `on_miss(key)`, `on_evict(key, value)`,
       `on_build(key, seconds)`.
     """
 
     def __init__(self, budget_bytes: int, *, weight_step: float = 0.01,
                  size_of: Callable[[V], int] = tensor_nbytes,
+                 max_entries: int | None = None,
                  on_hit: Callable[[VirtualKey], None] | None = None,
                  on_miss: Callable[[VirtualKey], None] | None = None,
                  on_evict: Callable[[VirtualKey, V], None] | None = None,
@@ -128,7 +131,12 @@ class VirtualAdapterCache(Generic[V]):
         if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 0:
             raise ValueError(f"budget_bytes must be an integer >= 0, got {budget_bytes!r}")
         _check_step(weight_step)
+        if max_entries is not None and (
+                isinstance(max_entries, bool) or not isinstance(max_entries, int)
+                or max_entries < 1):
+            raise ValueError(f"max_entries must be an integer >= 1, got {max_entries!r}")
         self.budget_bytes = budget_bytes
+        self.max_entries = max_entries
         self.weight_step = float(weight_step)
         self._size_of = size_of
         self._on_hit, self._on_miss, self._on_evict, self._on_build = (
@@ -190,7 +198,8 @@ class VirtualAdapterCache(Generic[V]):
             self._build_seconds += seconds
             if size > self.budget_bytes:
                 return evicted
-            while self._entries and self._bytes + size > self.budget_bytes:
+            while self._entries and (self._bytes + size > self.budget_bytes or (
+                    self.max_entries is not None and len(self._entries) >= self.max_entries)):
                 k, (v, s) = self._entries.popitem(last=False)
                 self._bytes -= s
                 self._evictions += 1

@@ -13,11 +13,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import queue
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
+
+import torch
 
 from adapters.blend import AUTO_MODEL, BASE_MODEL, Blend, blend_for
 from adapters.errors import AdapterNotFoundError, IncompatibleAdapterError
@@ -74,6 +77,7 @@ class Engine:
     def load(self, show_progress: bool = True) -> None:
         """Load base, adapters and router index; warm up; start the worker; become ready."""
         s = self.settings
+        torch.set_num_threads(self.threads)
         self.model, self.tokenizer, self.device, self.dtype = load_base_model(s)
         self.context = BlendContext()
         slots = s.max_adapters + s.max_virtual_adapters
@@ -259,7 +263,13 @@ class Engine:
                 self._retired_slots.remove(adapter_id)
 
     # --- the worker -----------------------------------------------------------------------
+    @property
+    def threads(self) -> int:
+        """torch intra-op threads of the engine (see Settings.torch_threads)."""
+        return self.settings.torch_threads or max(1, (os.cpu_count() or 1) // 2)
+
     def _work(self) -> None:
+        torch.set_num_threads(self.threads)  # this thread runs every forward pass
         Scheduler(
             self.model, self.context, self.tokenizer, self.eos_ids, self._model_lock,
             self.settings.max_batch_size, self._release,

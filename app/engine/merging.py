@@ -43,12 +43,13 @@ class Merging:
         self._inputs: dict[str, dict[str, torch.Tensor]] | None = None
         self._inputs_lock = threading.Lock()
         self.factory = MergeFactory(
-            bank.adapters, self._base_weight, self._task_inputs, settings.merge_prepared_bytes
+            bank.adapters, self._base_weight, self.task_inputs, settings.merge_prepared_bytes
         )
         self.cache: VirtualAdapterCache[VirtualAdapter] = VirtualAdapterCache(
             settings.merge_cache_bytes,
             weight_step=settings.merge_weight_step,
             size_of=VirtualAdapter.nbytes,
+            max_entries=settings.max_virtual_adapters,
             on_hit=lambda _key: metrics.MERGE_CACHE_HITS.inc(),
             on_miss=lambda _key: metrics.MERGE_CACHE_MISSES.inc(),
             on_evict=lambda _key, value: (metrics.MERGE_CACHE_EVICTIONS.inc(),
@@ -98,7 +99,7 @@ class Merging:
         return preview(
             {m: self.factory.deltas(adapter_ids, m) for m in chosen},
             base_weights={m: self._base_weight(m) for m in chosen},
-            task_inputs={m: self._task_inputs(adapter_ids, m) for m in chosen},
+            task_inputs={m: self.task_inputs(adapter_ids, m) for m in chosen},
             adapter_ids=list(adapter_ids),
         )
 
@@ -112,7 +113,8 @@ class Merging:
     def _base_weight(self, module: str) -> torch.Tensor:
         return self.bank.layers[module].base.weight.detach().float().cpu()
 
-    def _task_inputs(self, adapter_ids: Sequence[str], module: str) -> list[torch.Tensor]:
+    def task_inputs(self, adapter_ids: Sequence[str], module: str) -> list[torch.Tensor]:
+        """TE's exemplar inputs of `module`, per adapter; collected through the model once."""
         with self._inputs_lock:
             if self._inputs is None:
                 self._inputs = self._collect_inputs()
