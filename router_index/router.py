@@ -28,7 +28,7 @@ class RoutingOptions:
     renormalize: bool = False  # re-normalise the K kept weights to sum to 1
     knn_m: int = 10  # exemplars considered by the knn scoring mode
     adapters: tuple[str, ...] | None = None  # restrict routing to these ids
-    explain: int = 5  # nearest exemplars reported with the decision
+    explain: int = 5  # nearest exemplars of the top_k best-scoring tasks, reported with it
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
@@ -147,9 +147,12 @@ class Router:
         task_ids = tuple(index.task_ids[i] for i in candidates)
         scores = all_scores[candidates]
         hits, fallback = decide(task_ids, scores, options)
+        # Explain with the exemplars of the best-scoring candidates only: exact for them, and
+        # no search over every exemplar of a large index on each request.
+        best = [candidates[i] for i in np.argsort(-scores, kind="stable")[: options.top_k]]
         nearest = tuple(
             Exemplar(index.task_ids[index.exemplar_task[j]], index.exemplar_texts[j], sim)
-            for j, sim in index.nearest(query, options.explain)
+            for j, sim in index.nearest_of_tasks(query, best, options.explain)
         )
         return RouteDecision(
             hits=hits,

@@ -47,6 +47,25 @@ def test_knn_scores_and_nearest():
     assert scores.sum() == pytest.approx(sims[top].sum() / 4, abs=1e-5)
 
 
+@pytest.mark.parametrize("task_rows", [[0], [2, 0], [1, 2, 3]])
+def test_nearest_of_tasks_equals_brute_force_over_those_tasks(task_rows):
+    rng = np.random.default_rng(1)
+    sizes = [5, 17, 50, 1]
+    tasks = {f"t{i}": (tuple(f"x{i}{j}" for j in range(m)), _unit(rng, m, 16))
+             for i, m in enumerate(sizes)}
+    index = TaskIndex.build(tasks)
+    query = _unit(rng, 1, 16)[0]
+    got = index.nearest_of_tasks(query, task_rows, 6)
+    owners = index.exemplar_task
+    allowed = np.flatnonzero(np.isin(owners, task_rows))
+    sims = index.embeddings @ query
+    expected = allowed[np.argsort(-sims[allowed], kind="stable")][:6]
+    assert [j for j, _ in got] == list(expected)
+    assert all(owners[j] in task_rows for j, _ in got)
+    assert [s for _, s in got] == pytest.approx([float(sims[j]) for j in expected], abs=1e-6)
+    assert index.nearest_of_tasks(query, task_rows, 0) == []
+
+
 def test_two_stage_and_single_stage_sharpening():
     s = np.array([0.6, 0.3, 0.1])
     alpha = np.exp(s) / np.exp(s).sum()  # Eq. 6
@@ -92,7 +111,10 @@ def test_restricting_and_explaining(micro_engine):
                                                                       threshold=-1.0))
     assert [h.adapter_id for h in decision.hits] == ["travel"]
     assert set(decision.scores) == {"travel"}
-    assert decision.nearest and decision.nearest[0].adapter_id == "math"
+    # Explanations come from the best-scoring candidates' exemplars: here travel's only.
+    assert decision.nearest and {e.adapter_id for e in decision.nearest} == {"travel"}
+    free = micro_engine.route(prompt, micro_engine.router.options(threshold=-1.0))
+    assert free.nearest[0].adapter_id == "math"
     with pytest.raises(AdapterNotFoundError):
         micro_engine.route(prompt, micro_engine.router.options(adapters=("nope",)))
     knn = micro_engine.route(prompt, micro_engine.router.options(scoring="knn", threshold=-1.0))
