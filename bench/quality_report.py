@@ -151,7 +151,7 @@ def results_markdown(
         "parameters: density 0.2, drop rate 0.5, mask ratio 0.15; stored exactly). Dynamic "
         f"rows route each prompt with {info.routing}; weights are alpha_hat, not "
         "re-normalised (Eq. 9). Oracle: the true task's expert. TIME: wall time of the row "
-        "here; identical requests are generated once, so the oracle reuses FT-x on task x.",
+        "here (identical requests within a row are generated once).",
         "",
         quality_markdown(table),
     ]
