@@ -1,10 +1,11 @@
-"""FAISS indexes over per-task exemplar embeddings.
+"""The routing index over per-task exemplar embeddings.
 
-Two inner-product indexes are kept side by side:
+Two inner-product structures are kept side by side:
 - one row per task holding the centroid `c_i = mean_j z_i^j`, NOT re-normalised. With unit
   query `z` and unit exemplars, `z . c_i = (1/M) sum_j cos(z, z_i^j)`: Eq. 5 exactly, one
-  inner product per task;
-- one row per exemplar, mapped to its task: kNN scoring and "nearest exemplars" explanations.
+  inner product per task (a dense matrix: every task's score is needed);
+- a FAISS flat inner-product index with one row per exemplar, mapped to its task: kNN
+  scoring and "nearest exemplars" explanations.
 
 A `TaskIndex` is immutable: adding or removing a task builds a new one, which the router swaps
 in atomically, so requests in flight keep the snapshot they started with.
@@ -28,7 +29,7 @@ class TaskIndex:
     exemplar_texts: tuple[str, ...]  # row j of the exemplar index
     exemplar_task: np.ndarray  # [E] int: task row of each exemplar
     embeddings: np.ndarray  # [E, dim] float32, unit rows
-    centroids: faiss.IndexFlatIP  # N rows, mean of each task's unit exemplar embeddings
+    centroids: np.ndarray  # [N, dim] float32: mean of each task's unit exemplar embeddings
     exemplars: faiss.IndexFlatIP  # E rows
     task_starts: np.ndarray  # [N + 1]: task i's exemplars are rows task_starts[i]:[i + 1]
 
@@ -51,17 +52,17 @@ class TaskIndex:
         embeddings = np.ascontiguousarray(
             np.concatenate(rows) if rows else np.zeros((0, dim)), dtype=np.float32
         )
-        centroid_index = faiss.IndexFlatIP(dim)
         exemplar_index = faiss.IndexFlatIP(dim)
         if task_ids:
-            centroid_index.add(np.ascontiguousarray(np.stack(centroids), dtype=np.float32))
             exemplar_index.add(embeddings)
         return cls(
             task_ids=task_ids,
             exemplar_texts=tuple(texts),
             exemplar_task=np.asarray(owners, dtype=np.int64),
             embeddings=embeddings,
-            centroids=centroid_index,
+            centroids=np.ascontiguousarray(
+                np.stack(centroids) if centroids else np.zeros((0, dim)), dtype=np.float32
+            ),
             exemplars=exemplar_index,
             task_starts=np.cumsum([0] + [len(r) for r in rows], dtype=np.int64),
         )
@@ -82,13 +83,9 @@ class TaskIndex:
 
     def centroid_scores(self, query: np.ndarray) -> np.ndarray:
         """Eq. 5 for every task. query: [dim] unit. Returns [N] in task_ids order."""
-        n = len(self.task_ids)
-        if n == 0:
-            return np.zeros(0, dtype=np.float32)
-        sims, rows = self.centroids.search(query.reshape(1, -1), n)
-        scores = np.empty(n, dtype=np.float32)
-        scores[rows[0]] = sims[0]
-        return scores
+        # Every task's score is needed (the softmax spans all N), so this is one mat-vec:
+        # a FAISS search for k = N also sorts all N, 1.6 ms instead of 0.3 at 10,000 tasks.
+        return self.centroids @ query.astype(np.float32, copy=False)
 
     def nearest(self, query: np.ndarray, m: int) -> list[tuple[int, float]]:
         """The `m` nearest exemplars as (exemplar row, cosine), best first."""
