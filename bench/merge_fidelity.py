@@ -40,7 +40,7 @@ from adapters.merge import MERGE_METHODS, CacheStats, get_merge_method
 from adapters.zoo.tasks import answers_match
 from app.engine.engine import Engine
 from app.engine.types import GenerationRequest, MergeSpec, SamplingParams
-from app.settings import Settings
+from bench.quality import build_engine
 from bench.quality_lib import EvalSet, generate, load_eval_sets, token_budget
 
 NON_LINEAR = tuple(m for m in MERGE_METHODS if m != "linear")
@@ -65,25 +65,6 @@ class MergeReport:
     svd_errors: dict[str, dict[int, float]]  # method -> rank -> relative Frobenius error
     accuracy: dict[str, dict[str, float]] | None  # storage -> task -> exact match in [0, 1]
     cache: CacheStats
-
-
-def build_engine(zoo: str, workdir: Path, batch_size: int, threads: int | None) -> Engine:
-    overrides: dict = {
-        "max_batch_size": batch_size, "max_queue": 100_000, "torch_threads": threads,
-        # Table 3 holds one exactly stored merge per task at once (~0.3 GB each on the demo).
-        "merge_cache_bytes": 8 << 30,
-    }
-    if zoo == "micro":
-        from adapters.zoo.micro import build_micro_zoo
-
-        micro = build_micro_zoo(workdir / "micro_zoo")
-        settings = Settings(base_model=micro.base_dir, adapter_store=micro.store_dir,
-                            cache_dir=workdir / "cache", **overrides)
-    else:
-        settings = Settings(**overrides)
-    engine = Engine(settings)
-    engine.load(show_progress=False)
-    return engine
 
 
 def routed_blend(engine: Engine, prompt: str) -> Blend:
@@ -232,7 +213,9 @@ def main(argv: Sequence[str] | None = None) -> MergeReport:
     """Run the benchmark, print its tables (Markdown) and return what it measured."""
     args = parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="dynamerge-merge-") as workdir:
-        engine = build_engine(args.zoo, Path(workdir), args.batch_size, args.threads)
+        # Table 3 holds one exactly stored merge per task at once (~0.3 GB each on the demo).
+        engine = build_engine(args.zoo, args.batch_size, Path(workdir), args.threads,
+                              merge_cache_bytes=8 << 30)
         try:
             store = Path(engine.settings.adapter_store)
             tasks = [a for a in engine.adapter_ids() if (store / a / "eval.jsonl").is_file()]

@@ -91,9 +91,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_engine(zoo: str, batch_size: int, workdir: Path, threads: int | None = None) -> Engine:
-    """A loaded engine on the demo zoo (settings from DYNAMERGE_*) or a fresh micro zoo."""
-    overrides: dict = {"max_batch_size": batch_size, "max_queue": 100_000}
+def build_engine(zoo: str, batch_size: int, workdir: Path, threads: int | None = None,
+                 **settings: object) -> Engine:
+    """A loaded engine on the demo zoo (settings from DYNAMERGE_*) or a fresh micro zoo.
+
+    `settings` override further Settings fields (other benchmarks use this engine too).
+    """
+    overrides: dict = {"max_batch_size": batch_size, "max_queue": 100_000, **settings}
     if threads is not None:
         overrides["torch_threads"] = threads
     if zoo == "micro":
