@@ -123,6 +123,7 @@ def test_demo_folder_holds_adapter_exemplars_and_eval(task: str) -> None:
         "adapter_model.safetensors",
         "exemplars.jsonl",
         "eval.jsonl",
+        "paraphrases.jsonl",  # written by hand; tests/test_paraphrases.py checks it
     }
     config = json.loads((folder / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] > 0
