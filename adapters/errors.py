@@ -5,7 +5,12 @@ Each names the culprit, so that the API layer can pass the message to the user u
 
 
 class AdapterError(Exception):
-    """Base class of every adapter problem a user can cause."""
+    """Base class of every adapter problem a user can cause; `param` names the request field
+    at fault, when there is one."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class AdapterNotFoundError(AdapterError):
@@ -21,4 +26,4 @@ class UnsafeAdapterError(AdapterError):
 
 
 class AdapterCapacityError(AdapterError):
-    """Every adapter slot is taken."""
+    """Every slot of a bounded adapter structure is taken."""

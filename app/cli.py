@@ -89,7 +89,7 @@ def _engine():
 
 
 def _routing_options(engine, args: argparse.Namespace):
-    return engine.router.options(
+    return engine.routing_options(
         top_k=args.top_k, temperature=args.route_temperature, threshold=args.threshold,
         scoring=args.scoring,
     )
@@ -143,10 +143,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from adapters.export import write_peft_adapter
-    from app.engine.types import MergeSpec
 
     ids = [a.strip() for a in args.adapters.split(",") if a.strip()]
     weights = [float(w) for w in args.weights.split(",")]
@@ -155,12 +152,12 @@ def _merge(args: argparse.Namespace) -> int:
     params = tuple((name, _number(value)) for name, _, value in
                    (p.partition("=") for p in args.param))
     engine = _engine()
-    unknown = [a for a in ids if a not in engine.adapter_ids()]
+    unknown = [a for a in ids if a not in engine.models()[2:]]
     if unknown:
         raise SystemExit(f"unknown adapters: {unknown}")
-    spec = MergeSpec(method=args.method, params=params, storage="svd", rank=args.rank)
-    virtual = engine.merging.build_static(tuple(zip(ids, weights, strict=True)), spec)
-    exemplars = [t for a in ids for t in engine.bank.adapters[a].exemplars]
+    spec = engine.merge_spec(args.method, dict(params), "svd", args.rank)
+    virtual = engine.static_merge(tuple(zip(ids, weights, strict=True)), spec)
+    exemplars = [t for a in ids for t in engine.store.spec(a).exemplars]
     out = write_peft_adapter(virtual, Path(args.out), str(engine.settings.base_model or
                              "SmolLM2-135M-Instruct"), exemplars)
     print(f"wrote {out} ({args.method}, rank {args.rank}, relative Frobenius error "
@@ -198,11 +195,24 @@ def _zoo(args: argparse.Namespace) -> int:
 
 def _calibrate(args: argparse.Namespace) -> int:
     from app.settings import Settings
-    from router_index.calibrate import format_tables, run_for_settings
-
-    calibration, path = run_for_settings(
-        Settings(), args.out, args.ood, args.folds, args.max_false_fallback, args.top_k
+    from router_index.calibrate import (
+        OOD_PROMPTS,
+        calibrate_store,
+        format_tables,
+        read_prompts,
+        write_calibration,
     )
+    from router_index.embedder import Embedder
+
+    settings = Settings()
+    calibration = calibrate_store(
+        settings.adapter_store, Embedder(settings.embedder_path),
+        read_prompts(args.ood or OOD_PROMPTS), settings.adapters,
+        sharpening=settings.sharpening, scoring=settings.scoring, knn_m=settings.knn_m,
+        folds=args.folds, max_false_fallback=args.max_false_fallback, top_k=args.top_k,
+    )
+    path = Path(args.out or settings.calibration_file or "calibration.json")
+    write_calibration(calibration, path)
     print(format_tables(calibration))
     print(f"\nwrote {path}: temperature={calibration.temperature:g} "
           f"threshold={calibration.threshold:g}")
@@ -211,7 +221,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 _COMMANDS = {
-    "serve": _serve, "route": _route, "generate": _generate, "zoo": _zoo,
+    "serve": _serve, "route": _route, "generate": _generate, "merge": _merge, "zoo": _zoo,
     "calibrate": _calibrate,
 }
 

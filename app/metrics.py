@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
@@ -38,8 +44,10 @@ ROUTE_TOP_SCORE = Histogram(
     buckets=(-0.2, 0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
 )
 FALLBACKS = Counter("dynamerge_routing_fallbacks_total", "Routed requests that fell back")
-QUEUE_DEPTH = Gauge("dynamerge_queue_depth", "Requests admitted and waiting for the engine")
-RUNNING_REQUESTS = Gauge("dynamerge_running_requests", "Requests being generated")
+QUEUE_DEPTH = Gauge(
+    "dynamerge_queue_depth", "Requests admitted and not started (waiting for adapters or a row)"
+)
+RUNNING_REQUESTS = Gauge("dynamerge_running_requests", "Requests being prefilled or decoded")
 BATCH_SIZE = Histogram(
     "dynamerge_batch_size", "Sequences per forward pass", buckets=(1, 2, 4, 8, 16, 32, 64, 128)
 )
@@ -55,3 +63,99 @@ MERGE_BUILD_SECONDS = Histogram(
     "dynamerge_merge_build_seconds", "Time to build one virtual adapter, by method", ["method"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
+PREFILL_TOKENS_PER_STEP = Histogram(
+    "dynamerge_prefill_tokens_per_step", "Prompt tokens prefilled by one engine step",
+    buckets=(1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+)
+
+# --- adapter residency (disk -> host -> device) ---------------------------------------------
+DEVICE_SLOT_LOOKUPS = Counter(
+    "dynamerge_device_slot_lookups_total",
+    "Adapters of admitted requests that were already in a device slot (hit) or not (miss)",
+    ["result"],
+)
+ADAPTER_LOADS = Counter(
+    "dynamerge_adapter_loads_total", "Adapters brought into a tier (host: read from disk)",
+    ["tier"],
+)
+ADAPTER_EVICTIONS = Counter(
+    "dynamerge_adapter_evictions_total", "Adapters evicted from a tier for room", ["tier"]
+)
+ADAPTER_LOAD_SECONDS = Histogram(
+    "dynamerge_adapter_load_seconds",
+    "Time to bring one adapter into a tier (host: disk to host; device: host to slot)",
+    ["tier"], buckets=_FAST_BUCKETS,
+)
+PLACEMENT_WAIT_SECONDS = Histogram(
+    "dynamerge_adapter_placement_wait_seconds",
+    "Time an admitted request waited for its adapters to be placed on the device",
+    buckets=_LATENCY_BUCKETS,
+)
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """What the scrape-time metrics read from the engine."""
+
+    max_lora: int  # device slots for adapters
+    running_adapters: tuple[str, ...]  # adapters of requests being generated
+    waiting_adapters: tuple[str, ...]  # adapters of admitted requests not started yet
+    running: int  # requests being generated
+    waiting: int  # requests admitted, not started
+    device: tuple[str, ...]  # adapters in device slots
+    host: tuple[str, ...]  # adapters whose tensors are in host memory
+    host_bytes: int
+    disk: int  # servable adapters of the store
+    refused: int  # adapters of the store refused at validation
+
+
+class EngineStateCollector(Collector):
+    """Gauges computed at scrape time from the engine's own state, so they never drift:
+    adapter residency per tier and the model-server protocol that cluster routers read (the
+    Kubernetes Gateway API inference extension: `vllm:lora_requests_info` for LoRA affinity,
+    `vllm:num_requests_waiting` / `vllm:num_requests_running` for load)."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], EngineSnapshot] | None = None
+
+    def describe(self) -> list:
+        return []  # collected lazily: the engine registers its source once it is loaded
+
+    def collect(self):
+        if self.source is None:
+            return
+        snap = self.source()
+        info = GaugeMetricFamily(
+            "vllm:lora_requests_info",
+            "Running and waiting LoRA adapters (value: the time of this sample)",
+            labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+        )
+        info.add_metric([str(snap.max_lora), ",".join(snap.running_adapters),
+                         ",".join(snap.waiting_adapters)], time.time())
+        yield info
+        yield GaugeMetricFamily("vllm:num_requests_running", "Requests being generated",
+                                value=snap.running)
+        yield GaugeMetricFamily("vllm:num_requests_waiting", "Requests admitted, not started",
+                                value=snap.waiting)
+        resident = GaugeMetricFamily(
+            "dynamerge_adapter_resident", "1 for each adapter resident in a tier",
+            labels=["adapter", "tier"],
+        )
+        for adapter in snap.device:
+            resident.add_metric([adapter, "device"], 1)
+        for adapter in snap.host:
+            resident.add_metric([adapter, "host"], 1)
+        yield resident
+        tiers = GaugeMetricFamily("dynamerge_tier_adapters", "Adapters per tier",
+                                  labels=["tier"])
+        tiers.add_metric(["device"], len(snap.device))
+        tiers.add_metric(["host"], len(snap.host))
+        tiers.add_metric(["disk"], snap.disk)
+        tiers.add_metric(["refused"], snap.refused)
+        yield tiers
+        yield GaugeMetricFamily("dynamerge_host_adapter_bytes",
+                                "Bytes of adapter tensors in host memory", value=snap.host_bytes)
+
+
+ENGINE_STATE = EngineStateCollector()
+REGISTRY.register(ENGINE_STATE)

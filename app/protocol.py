@@ -261,6 +261,28 @@ class AdapterResponse(BaseModel):
     adapters: list[str]  # every adapter loaded after the change
 
 
+class AdapterTier(BaseModel):
+    id: str
+    tier: Literal["device", "host", "disk"]  # the fastest tier holding the adapter now
+    rank: int
+    modules: int  # LoRA-targeted layers
+    bytes: int  # its tensors once loaded
+    exemplars: int
+    requests: int  # requests using its device slot now
+    pinned: bool  # kept on the device by DYNAMERGE_PINNED_ADAPTERS
+
+
+class RefusedAdapterInfo(BaseModel):
+    id: str
+    reason: str  # the validation error, naming the culprit
+
+
+class AdapterTierList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterTier]
+    refused: list[RefusedAdapterInfo]
+
+
 class MergePreviewRequest(_Strict):
     """Either the adapters to merge, or a prompt that is routed first (its top-K)."""
 

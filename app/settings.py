@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     adapter_store: Path = DEMO_STORE
     """Directory holding one PEFT LoRA adapter directory per task (the demo zoo by default)."""
     adapters: list[str] | None = None
-    """Adapter ids to load at start-up; unset loads every adapter in the store."""
+    """Adapter ids of the store to serve; unset serves every adapter in the store."""
     cache_dir: Path = Field(default_factory=default_cache_dir)
     """Where converted checkpoints are kept between runs."""
     embedder_path: Path | None = None
@@ -42,7 +42,15 @@ class Settings(BaseSettings):
     tokenising and HTTP need a core of their own: sharing one oversubscribes it (on 2 cores,
     dynamic/base throughput at 16 clients went from 0.61 with 2 threads to 0.93 with 1)."""
     max_adapters: int = Field(default=16, ge=1, le=1024)
-    """Adapter slots on the device; registering past this fails with a clear error."""
+    """Adapter slots on the device (the device tier). The store may hold any number of
+    adapters: those a request needs are brought in at admission, least recently used idle
+    ones leave, and an adapter a running or admitted request uses never does."""
+    host_adapter_bytes: int = Field(default=1 << 30, ge=0)
+    """Memory for adapters' tensors in host RAM (the host tier, an LRU); pinned on CUDA."""
+    pinned_adapters: list[str] = []
+    """Adapters loaded at start-up and kept in device slots whatever the traffic."""
+    placement_timeout_s: float = Field(default=30.0, gt=0)
+    """How long an admitted request may wait for device slots before it fails with 503."""
     lora_target_modules: list[str] = [
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
     ]
@@ -65,6 +73,12 @@ class Settings(BaseSettings):
     """Exemplars considered by the knn scoring mode."""
     renormalize: bool = False
     """Re-normalise the K kept weights to sum to 1 (Eq. 9 keeps alpha_hat as is)."""
+    embedding_cache: bool = True
+    """Cache exemplar embeddings under `cache_dir`, keyed by (exemplars, embedder), so that a
+    restart does not embed the zoo again."""
+    knn_approximate_above: int | None = Field(default=200_000, ge=1)
+    """Exemplar count above which `knn` scoring searches an IVF index instead of the exact
+    flat one (see docs/benchmarks.md for recall and latency); None: always exact."""
     calibration_file: Path | None = None
     """JSON written by `dynamerge calibrate`; its temperature/threshold override the above."""
 
@@ -105,7 +119,11 @@ class Settings(BaseSettings):
     max_queue: int = Field(default=64, ge=1)
     """Requests waiting or running beyond this get 429."""
     max_batch_size: int = Field(default=16, ge=1, le=1024)
-    """Sequences decoded together in one forward pass (continuous batching)."""
+    """Sequences decoded or prefilled at once (continuous batching)."""
+    max_step_tokens: int = Field(default=256, ge=16, le=65536)
+    """Token budget of one engine step: one per decoding row, the rest prefills waiting
+    prompts together, a long one in chunks. Larger: faster time to first token and more
+    throughput; smaller: steadier time per output token for running streams."""
     drain_timeout_s: float = Field(default=30.0, ge=0)
     """On SIGTERM, how long requests in flight may take to finish."""
     max_n: int = Field(default=16, ge=1)
@@ -122,5 +140,9 @@ class Settings(BaseSettings):
             and self.adapters is not None
             and self.fallback_adapter not in self.adapters
         ):
-                raise ValueError("fallback_adapter must be one of the loaded adapters")
+            raise ValueError("fallback_adapter must be one of the loaded adapters")
+        if self.top_k > self.max_adapters:
+            raise ValueError("top_k must not exceed max_adapters (the device slots)")
+        if len(self.pinned_adapters) > self.max_adapters:
+            raise ValueError("pinned_adapters must fit in max_adapters device slots")
         return self

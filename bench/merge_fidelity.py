@@ -114,7 +114,7 @@ def svd_errors(
     factory = engine.merging.factory
     ids = [a for a, _ in blend]
     weights = torch.tensor([w for _, w in blend], dtype=torch.float32)
-    modules = list(dict.fromkeys(m for a in ids for m in engine.bank.adapters[a].modules))
+    modules = list(dict.fromkeys(m for a in ids for m in engine.store.spec(a).modules))
     errors: dict[str, dict[int, float]] = {}
     for method_name in tqdm(methods, desc="svd fidelity", unit="method", leave=False):
         method = get_merge_method(method_name)
@@ -222,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> MergeReport:
             eval_sets = load_eval_sets(store, tasks, args.limit)
             blend = routed_blend(engine, eval_sets[tasks[0]].prompts[0])
             started = time.perf_counter()
-            first_module = next(iter(engine.bank.adapters[tasks[0]].modules))
+            first_module = next(iter(engine.store.spec(tasks[0]).modules))
             engine.merging.task_inputs(tasks[:1], first_module)
             collect_s = time.perf_counter() - started
             costs = build_costs(engine, blend, args.methods)
@@ -237,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> MergeReport:
     print(f"# python -m bench.merge_fidelity {' '.join(sys.argv[1:] if argv is None else argv)}")
     print(f"zoo={args.zoo}, device={engine.device}, dtype={engine.dtype}, "
           f"{engine.threads} torch threads, {len(tasks)} adapters, "
-          f"{len(engine.bank.layers)} blended modules; "
+          f"{len(engine.layers)} blended modules; "
           f"TE exemplar activations collected once in {collect_s:.2f} s")
     print_build_costs(costs, blend, f"{settings.merge_storage}@{settings.merge_rank}")
     print_svd_errors(errors, args.ranks)

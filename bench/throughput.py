@@ -232,7 +232,7 @@ def load_prompts(engine: Engine, store: Path) -> list[Prompt]:
         if path.exists():
             texts = [json.loads(line)["prompt"] for line in path.read_text().splitlines()]
         else:
-            texts = list(engine.bank.adapters[task].exemplars)
+            texts = list(engine.store.spec(task).exemplars)
         per_task.append([(task, text) for text in texts])
     interleaved = [item for group in zip(*per_task, strict=False) for item in group]
     return [

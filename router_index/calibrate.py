@@ -38,7 +38,6 @@ from router_index.index import TaskIndex
 from router_index.router import RoutingOptions, Scoring, Sharpening, sharpen
 
 if TYPE_CHECKING:
-    from app.settings import Settings
     from router_index.embedder import Embedder
 
 OOD_PROMPTS = Path(__file__).resolve().parent / "ood_prompts.jsonl"
@@ -381,36 +380,3 @@ def format_tables(calibration: Calibration) -> str:
             f"| {100 * r.routing_accuracy:.1f}% | {100 * r.ood_fallback_rate:.1f}% |"
         )
     return "\n".join(lines)
-
-
-def run_for_settings(
-    settings: Settings,
-    out: Path | None = None,
-    ood: Path | None = None,
-    folds: int = 4,
-    max_false_fallback: float = 0.0,
-    top_k: int | None = None,
-) -> tuple[Calibration, Path]:
-    """What `dynamerge calibrate` does: calibrate the configured store and write the file.
-
-    Args:
-        settings: the server's settings (store, adapters, embedder, scoring, sharpening).
-        out: the file to write; `settings.calibration_file`, else ./calibration.json.
-        ood: JSONL of out-of-domain prompts; `OOD_PROMPTS` when None.
-        folds: cross-fitting folds.
-        max_false_fallback: share of in-domain queries allowed to fall back.
-        top_k: written into the file (None keeps the server's).
-
-    Returns:
-        The calibration and the path written.
-    """
-    from router_index.embedder import Embedder
-
-    calibration = calibrate_store(
-        settings.adapter_store, Embedder(settings.embedder_path), read_prompts(ood or OOD_PROMPTS),
-        settings.adapters, sharpening=settings.sharpening, scoring=settings.scoring,
-        knn_m=settings.knn_m, folds=folds, max_false_fallback=max_false_fallback, top_k=top_k,
-    )
-    path = Path(out or settings.calibration_file or "calibration.json")
-    write_calibration(calibration, path)
-    return calibration, path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -12,10 +13,19 @@ from tqdm.auto import tqdm
 
 from adapters.errors import AdapterNotFoundError
 from router_index.embedder import Embedder
+from router_index.embedding_cache import EmbeddingCache
 from router_index.index import TaskIndex
 
 Scoring = Literal["centroid", "knn"]
 Sharpening = Literal["two_stage", "single_stage"]
+
+
+class RoutingOptionError(ValueError):
+    """A routing option out of range; `param` names it as a request field."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -32,13 +42,20 @@ class RoutingOptions:
 
     def __post_init__(self) -> None:
         if self.top_k < 1:
-            raise ValueError("routing.top_k must be >= 1")
-        if not self.temperature > 0:
-            raise ValueError("routing.temperature must be > 0")
+            raise RoutingOptionError("routing.top_k must be >= 1", "routing.top_k")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise RoutingOptionError("routing.temperature must be > 0", "routing.temperature")
         if not -1.0 <= self.threshold <= 1.0:
-            raise ValueError("routing.threshold must be a cosine in [-1, 1]")
+            raise RoutingOptionError("routing.threshold must be a cosine in [-1, 1]",
+                                     "routing.threshold")
         if self.knn_m < 1:
-            raise ValueError("routing.knn_m must be >= 1")
+            raise RoutingOptionError("routing.knn_m must be >= 1", "routing.knn_m")
+        if self.scoring not in ("centroid", "knn"):
+            raise RoutingOptionError("routing.scoring must be 'centroid' or 'knn'",
+                                     "routing.scoring")
+        if self.sharpening not in ("two_stage", "single_stage"):
+            raise RoutingOptionError("routing.sharpening must be 'two_stage' or 'single_stage'",
+                                     "routing.sharpening")
 
 
 @dataclass(frozen=True)
@@ -104,25 +121,45 @@ def decide(
 class Router:
     """Embeds a request and routes it over the current `TaskIndex` snapshot."""
 
-    def __init__(self, embedder: Embedder, defaults: RoutingOptions | None = None) -> None:
+    def __init__(
+        self,
+        embedder: Embedder,
+        defaults: RoutingOptions | None = None,
+        cache: EmbeddingCache | None = None,
+        approximate_above: int | None = None,
+    ) -> None:
+        """Args:
+            embedder: the sentence embedder.
+            defaults: routing options when a request gives none.
+            cache: exemplar embeddings on disk; None embeds everything at every start.
+            approximate_above: exemplar count above which kNN search is approximate (IVF);
+                None: always exact.
+        """
         self.embedder = embedder
         self.defaults = defaults or RoutingOptions()
+        self.cache = cache
+        self.approximate_above = approximate_above
         self.index = TaskIndex.build({})
         self._write_lock = threading.Lock()
 
     def build(self, tasks: dict[str, tuple[str, ...]], show_progress: bool = True) -> None:
-        """Embed every task's exemplars and index them, with a progress bar."""
+        """Embed every task's exemplars (or read them from the cache) and index them."""
         embedded = {}
         for task, texts in tqdm(
             tasks.items(), desc="Indexing exemplars", unit="task", disable=not show_progress
         ):
-            embedded[task] = (texts, self.embedder.encode(list(texts)))
-        self.index = TaskIndex.build(embedded)
+            embedded[task] = (texts, self._embed(texts))
+        self.index = TaskIndex.build(embedded, approximate_above=self.approximate_above)
 
     def add_task(self, task: str, texts: tuple[str, ...]) -> None:
-        vectors = self.embedder.encode(list(texts))
+        vectors = self._embed(texts)
         with self._write_lock:
             self.index = self.index.with_task(task, texts, vectors)
+
+    def _embed(self, texts: tuple[str, ...]) -> np.ndarray:
+        if self.cache is None:
+            return self.embedder.encode(list(texts))
+        return self.cache.get_or_embed(texts, self.embedder.encode)
 
     def remove_task(self, task: str) -> None:
         with self._write_lock:
@@ -142,7 +179,8 @@ class Router:
         if options.adapters is not None:
             unknown = [a for a in options.adapters if a not in index.task_ids]
             if unknown:
-                raise AdapterNotFoundError(f"routing.adapters names unknown adapters: {unknown}")
+                raise AdapterNotFoundError(f"routing.adapters names unknown adapters: {unknown}",
+                                           param="routing.adapters")
             candidates = [index.task_ids.index(a) for a in dict.fromkeys(options.adapters)]
         task_ids = tuple(index.task_ids[i] for i in candidates)
         scores = all_scores[candidates]

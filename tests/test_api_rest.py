@@ -123,7 +123,7 @@ def test_health_ready_and_metrics(http: httpx.Client) -> None:
     assert http.get("/health").json() == {"status": "ok"}
     ready = http.get("/ready")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
-    assert {"math", "cooking", "travel"} <= set(ready.json()["adapters"])
+    assert ready.json()["adapters"] >= 3  # a count: a store may hold thousands
     http.post("/v1/route", json={"text": MATH})
     http.post("/v1/chat/completions",
               json={"model": "nope", "messages": [{"role": "user", "content": "hi"}]})

@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM
 
 from adapters.registry import load_adapter
 from adapters.zoo.micro import MicroZoo
-from app.engine.adapter_bank import AdapterBank
 from app.engine.blended_lora import BlendBatch, BlendContext, install_blended_layers
+from app.engine.device_slots import DeviceSlots
 
 ATOL = 1e-4
 TARGETS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -25,11 +25,12 @@ def blended(micro_zoo: MicroZoo):
     model = AutoModelForCausalLM.from_pretrained(micro_zoo.base_dir, dtype=torch.float32).eval()
     context = BlendContext()
     layers = install_blended_layers(model, TARGETS, context, num_slots=8)
-    bank = AdapterBank(layers, num_slots=8)
+    bank = DeviceSlots(layers, num_adapters=7, num_virtual=1)
     adapters = {}
     for adapter_id in micro_zoo.adapter_ids:
         adapters[adapter_id] = load_adapter(micro_zoo.store_dir, adapter_id, bank.base_shapes())
-        bank.add(adapters[adapter_id])
+        slot, _ = bank.claim("adapter")
+        bank.write(slot, adapters[adapter_id])
     return model, context, bank, adapters
 
 
@@ -126,7 +127,7 @@ def test_rank_growth_keeps_existing_slots(micro_zoo, blended):
     rank = layer.A.shape[1]
     big_A = torch.randn(rank + 4, layer.in_features)
     big_B = torch.randn(layer.out_features, rank + 4)
-    spare = bank.num_slots - 1
+    spare = bank.num_adapters + bank.num_virtual - 1
     layer.set_slot(spare, big_A, big_B, 0.5)
     assert layer.A.shape[1] == rank + 4
     after = _logits(model, context, [[(bank.slot_of("math"), 1.0)]], _random_ids(5))

@@ -103,7 +103,7 @@ def test_calibrate_writes_a_file_that_round_trips(tmp_path: Path) -> None:
 
 def test_packaged_ood_prompts() -> None:
     prompts = read_prompts(OOD_PROMPTS)
-    assert len(prompts) == 40 and len(set(prompts)) == 40
+    assert len(prompts) >= 40 and len(set(prompts)) == len(prompts)
 
 
 # --- the server uses what `dynamerge calibrate` wrote -------------------------------------

@@ -114,7 +114,7 @@ def test_unregister_waits_for_requests_in_flight(micro_zoo, micro_engine):
         assert "maths" not in micro_engine.models()
         text, _ = stream.result()
         assert text == alone
-        assert "maths" not in micro_engine.bank
+        assert "maths" not in micro_engine.slots  # its slot was freed once the request left
     finally:
         shutil.rmtree(micro_zoo.store_dir / "maths")
 

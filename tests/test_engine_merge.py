@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from adapters.merge import get_merge_method
+from adapters.merge import MergeParameterError, get_merge_method
 from app import metrics
 from app.engine.blended_lora import BlendBatch
-from app.engine.types import GenerationRequest, MergeSpec, SamplingParams
+from app.engine.types import GenerationRequest, InvalidRequestError, MergeSpec, SamplingParams
 
 METHODS = ["ties", "dare_ties", "dare_linear", "neuro", "te", "twin"]
 MIX = (("math", 0.6), ("cooking", 0.3), ("travel", 0.1))
@@ -30,8 +30,8 @@ def _counter(counter) -> float:
 
 
 def _virtual_logits(engine, virtual_id: str, input_ids: torch.Tensor) -> torch.Tensor:
-    rows = [[(engine.bank.slot_of(virtual_id), 1.0)]]
-    with engine._model_lock, torch.inference_mode():
+    rows = [[(engine.slots.slot_of(virtual_id), 1.0)]]
+    with engine.model_lock, torch.inference_mode():
         engine.context.batch = BlendBatch.from_rows(rows, engine.device, engine.dtype)
         try:
             return engine.model(input_ids=input_ids).logits
@@ -42,11 +42,11 @@ def _virtual_logits(engine, virtual_id: str, input_ids: torch.Tensor) -> torch.T
 @pytest.mark.parametrize("method", METHODS)
 def test_virtual_adapter_equals_dense_merge(micro_zoo, micro_engine, method):
     """Stored exactly, the merged adapter in its slot gives the logits of W + merged delta."""
-    before = set(micro_engine.bank.virtual)
+    before = {v.id for v in micro_engine.merging.cache.values()}
     stream = micro_engine.submit(_request(micro_engine, method))
     stream.result()
-    (new,) = set(micro_engine.bank.virtual) - before  # other tests may have merged too
-    virtual = micro_engine.bank.virtual[new]
+    (virtual,) = [v for v in micro_engine.merging.cache.values()
+                  if v.id not in before]  # other tests may have merged too
     assert virtual.relative_error == 0.0
 
     merge = get_merge_method(method)
@@ -100,7 +100,7 @@ def test_methods_in_one_batch_match_alone(micro_engine):
 )
 def test_bad_merge_options_are_refused(micro_engine, spec, match):
     request = _request(micro_engine, "ties")
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((MergeParameterError, InvalidRequestError), match=match):
         micro_engine.submit(GenerationRequest(request.prompt, "x", mix=MIX, merge=spec))
 
 
@@ -110,8 +110,7 @@ def test_eviction_respects_the_budget_and_frees_slots(micro_engine):
     try:
         small = _request(micro_engine, "dare_linear", storage="svd", drop_rate=0.3)
         micro_engine.submit(small).result()
-        one = max(v.nbytes() for v in micro_engine.bank.virtual.values()
-                  if v.method == "dare_linear")
+        one = max(v.nbytes() for v in cache.values() if v.method == "dare_linear")
         cache.budget_bytes = one + one // 2  # room for one such merge, not two
         evictions = _counter(metrics.MERGE_CACHE_EVICTIONS)
         for rate in (0.1, 0.2, 0.4):
@@ -119,18 +118,18 @@ def test_eviction_respects_the_budget_and_frees_slots(micro_engine):
                                          drop_rate=rate)).result()
             assert cache.stats().bytes_used <= cache.budget_bytes
         assert _counter(metrics.MERGE_CACHE_EVICTIONS) >= evictions + 2
-        live = {v.id for v in micro_engine.bank.virtual.values()}
-        assert len(live) <= cache.stats().entries + 1  # evicted merges left their slots
+        live = micro_engine.slots.resident("virtual")
+        assert len(live) <= cache.stats().entries  # evicted merges left their slots
     finally:
         cache.budget_bytes = budget
 
 
 def test_more_distinct_merges_than_slots_all_run(micro_engine):
-    """Every cached merge holds a slot: the cache's entry cap must free slots before the bank
-    runs out, however small the merges are."""
+    """Merges live in the device's virtual slots: more distinct merges than slots must all
+    run, the least recently used idle ones making room, however small the merges are."""
     cache = micro_engine.merging.cache
     cap = cache.max_entries
-    free = micro_engine.bank.num_slots - len(micro_engine.bank.ids())
+    free = micro_engine.slots.num_virtual
     try:
         cache.max_entries = 2
         for i in range(free + 2):
@@ -139,7 +138,7 @@ def test_more_distinct_merges_than_slots_all_run(micro_engine):
             _, final = micro_engine.submit(request).result()
             assert final.finish_reason in ("stop", "length"), f"merge {i} failed"
             assert cache.stats().entries <= 2
-        assert len(micro_engine.bank.virtual) <= 2  # evicted merges gave their slots back
+        assert len(micro_engine.slots.resident("virtual")) <= 2  # evicted ones left their slots
     finally:
         cache.max_entries = cap
 
@@ -157,7 +156,7 @@ def test_static_export_loads_in_peft_and_in_our_registry(micro_zoo, micro_engine
     store = tmp_path / "store"
     write_peft_adapter(virtual, store / "merged", "micro", ["a prompt"])
 
-    exported = load_adapter(store, "merged", micro_engine.bank.base_shapes())
+    exported = load_adapter(store, "merged", micro_engine.slots.base_shapes())
     for name, module in virtual.modules.items():
         torch.testing.assert_close(exported.modules[name].delta(), module.B @ module.A,
                                    atol=1e-5, rtol=0)
@@ -166,9 +165,11 @@ def test_static_export_loads_in_peft_and_in_our_registry(micro_zoo, micro_engine
     input_ids = torch.randint(0, 400, (1, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         reference = peft_model(input_ids=input_ids).logits
-    micro_engine.bank.add_virtual(virtual)
+    with micro_engine.model_lock, micro_engine.residency._lock:
+        slot, _ = micro_engine.slots.claim("virtual")
+        micro_engine.slots.write(slot, virtual)
     try:
         ours = _virtual_logits(micro_engine, virtual.id, input_ids)
     finally:
-        micro_engine.bank.remove(virtual.id)
+        micro_engine.residency.retire(virtual.id)
     torch.testing.assert_close(ours, reference, atol=1e-4, rtol=0)

@@ -57,14 +57,14 @@ def test_targets_compare_dynamic_rows_with_experts_and_static_merges() -> None:
 
 
 def test_benchmark_on_the_micro_zoo(micro_engine: Engine, tmp_path: Path) -> None:
-    before = micro_engine.adapter_ids()
+    before = micro_engine.models()
     results, plot = tmp_path / "results.md", tmp_path / "quality.png"
     result = main(
         ["--zoo", "micro", "--limit", "2", "--ood-max-tokens", "4", "--ood-limit", "10",
          "--no-progress", "--results", str(results), "--plot", str(plot)],
         engine=micro_engine,
     )
-    assert micro_engine.adapter_ids() == before
+    assert micro_engine.models() == before
     table = result.table
     assert set(table.tasks) == set(IDS)
     labels = [r.label for r in table.rows]

@@ -26,7 +26,7 @@ def store_copy(micro_zoo, tmp_path):
 
 
 def _shapes(engine):
-    return engine.bank.base_shapes()
+    return engine.slots.base_shapes()
 
 
 def _register_fails(engine, adapter_id, error, match):

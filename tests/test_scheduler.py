@@ -8,7 +8,7 @@ import torch
 
 from adapters.zoo.micro import topic_prompts
 from app import metrics
-from app.engine.batch_cache import BatchCache
+from app.engine.batch_cache import BatchCache, RowCache, split_rows, stack_rows
 from app.engine.blended_lora import BlendBatch
 from app.engine.types import GenerationRequest, SamplingParams
 
@@ -46,10 +46,10 @@ def _requests(engine) -> list[GenerationRequest]:
 def _reference_greedy(engine, request: GenerationRequest, blend) -> str:
     """Greedy decoding by recomputing the whole sequence each step: no KV cache, no batch."""
     ids = engine.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
-    rows = [[(engine.bank.slot_of(a), w) for a, w in blend]]
+    rows = [[(engine.slots.slot_of(a), w) for a, w in blend]]
     generated: list[int] = []
     for _ in range(request.sampling.max_tokens):
-        with engine._model_lock, torch.inference_mode():
+        with engine.model_lock, torch.inference_mode():
             engine.context.batch = BlendBatch.from_rows(rows, engine.device, engine.dtype)
             try:
                 logits = engine.model(input_ids=torch.tensor([ids + generated])).logits[0, -1]
@@ -112,23 +112,35 @@ def test_sixteen_concurrent_clients_complete(micro_engine):
     assert all(text == expected[prompt] for prompt, text in results.values())
 
 
-def test_batch_cache_pads_and_trims():
-    from transformers import DynamicCache
-
-    def row(length: int, fill: float) -> DynamicCache:
-        cache = DynamicCache()
+def test_batch_cache_pads_grows_in_place_and_trims():
+    def row(length: int, fill: float) -> RowCache:
         kv = torch.full((1, 2, length, 4), fill)
-        cache.update(kv, kv.clone(), 0)
-        return cache
+        return RowCache([(kv, kv.clone())], torch.ones(length, dtype=torch.long))
 
     kv = BatchCache()
-    kv.append(row(3, 1.0), 3)
-    kv.append(row(5, 2.0), 5)
+    kv.add([row(3, 1.0), row(5, 2.0)])
     assert kv.mask.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
-    assert kv.cache.layers[0].keys[0, 0, :2].abs().sum() == 0  # padding is zeros
+    layer = kv.cache.layers[0]
+    assert layer.keys[0, 0, :2].abs().sum() == 0  # padding is zeros
+    buffer = layer._k
     kv.step_mask()
+    layer.update(torch.full((2, 2, 1, 4), 3.0), torch.full((2, 2, 1, 4), 3.0))
+    assert layer._k is buffer  # a decode step writes its column in place, no copy
+    assert layer.keys.shape == (2, 2, 6, 4) and float(layer.keys[1, 0, 5, 0]) == 3.0
     kv.keep([0])  # the long row leaves: its extra columns are trimmed
     assert kv.mask.tolist() == [[1, 1, 1, 1]]
-    assert kv.cache.layers[0].keys.shape == (1, 2, 3, 4)
+    assert kv.cache.layers[0].keys.shape == (1, 2, 4, 4)
+    assert kv.cache.layers[0].keys[0, 0, :, 0].tolist() == [1.0, 1.0, 1.0, 3.0]
     kv.keep([])
     assert kv.size == 0
+
+
+def test_stacked_rows_split_back_unchanged():
+    rows = [RowCache([(torch.randn(1, 2, n, 4), torch.randn(1, 2, n, 4))],
+                     torch.ones(n, dtype=torch.long)) for n in (2, 5)]
+    cache, mask = stack_rows([rows[0], None, rows[1]], torch.device("cpu"))
+    assert mask.tolist() == [[0, 0, 0, 1, 1], [0] * 5, [1] * 5]
+    back = split_rows(cache, mask)
+    for original, again in zip([rows[0], rows[1]], [back[0], back[2]], strict=True):
+        torch.testing.assert_close(again.layers[0][0], original.layers[0][0], rtol=0, atol=0)
+        assert again.mask.tolist() == original.mask.tolist()

@@ -6,7 +6,7 @@
     merged = method.combine(prepared[:k], weights, params)  # per request, [out, in]
 """
 
-from adapters.merge.base import MergeMethod, MergeParams, ModuleInputs
+from adapters.merge.base import MergeMethod, MergeParameterError, MergeParams, ModuleInputs
 from adapters.merge.cache import CacheStats, VirtualAdapterCache, VirtualKey, tensor_nbytes
 from adapters.merge.dare import DareParams, DareTiesParams
 from adapters.merge.linear import LinearParams
@@ -29,6 +29,7 @@ __all__ = [
     "DareTiesParams",
     "LinearParams",
     "MergeMethod",
+    "MergeParameterError",
     "MergeParams",
     "ModuleInputs",
     "NeuroParams",

@@ -27,9 +27,17 @@ from torch import Tensor
 MAJORITY_SIGN_METHODS = ("total", "frequency")
 
 
+class MergeParameterError(ValueError):
+    """A merge method's parameter is unknown or out of range; `param` names it."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 def check_number(name: str, value: object, *, lo: float | None = None, hi: float | None = None,
                  lo_open: bool = False, hi_open: bool = False) -> None:
-    """Raise ValueError naming `name` unless `value` is a finite real number within bounds.
+    """Raise MergeParameterError naming `name` unless `value` is a finite number within bounds.
 
     Args:
         name: the parameter's name, quoted in the error.
@@ -38,26 +46,27 @@ def check_number(name: str, value: object, *, lo: float | None = None, hi: float
         lo_open, hi_open: whether the bound itself is excluded.
     """
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
+        raise MergeParameterError(f"{name} must be a finite number, got {value!r}", name)
     too_low = lo is not None and (value <= lo if lo_open else value < lo)
     too_high = hi is not None and (value >= hi if hi_open else value > hi)
     if too_low or too_high:
         left = "(" if lo_open else "["
         right = ")" if hi_open else "]"
         span = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
-        raise ValueError(f"{name} must be in {span}, got {value!r}")
+        raise MergeParameterError(f"{name} must be in {span}, got {value!r}", name)
 
 
 def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
-    """Raise ValueError naming `name` unless `value` is one of `choices`."""
+    """Raise MergeParameterError naming `name` unless `value` is one of `choices`."""
     if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        raise MergeParameterError(
+            f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}", name)
 
 
 def check_int(name: str, value: object, *, lo: int) -> None:
-    """Raise ValueError naming `name` unless `value` is an int >= `lo`."""
+    """Raise MergeParameterError naming `name` unless `value` is an int >= `lo`."""
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+        raise MergeParameterError(f"{name} must be an integer >= {lo}, got {value!r}", name)
 
 
 @dataclass(frozen=True)
@@ -106,14 +115,15 @@ class MergeMethod(ABC, Generic[P, Prep]):
         """Build validated parameters from defaults and overrides (e.g. a request's `merge`).
 
         Raises:
-            ValueError: on an unknown parameter name (listing the valid ones) or a bad value.
+            MergeParameterError: on an unknown parameter name (listing the valid ones) or a
+                bad value.
         """
         valid = [f.name for f in dataclasses.fields(self.params_type)]
         unknown = sorted(set(overrides) - set(valid))
         if unknown:
-            raise ValueError(
+            raise MergeParameterError(
                 f"unknown parameter {', '.join(map(repr, unknown))} for merge method "
-                f"{self.name!r}; valid: {', '.join(valid) or '(none)'}"
+                f"{self.name!r}; valid: {', '.join(valid) or '(none)'}", unknown[0]
             )
         return self.params_type(**overrides)  # type: ignore[return-value]
 

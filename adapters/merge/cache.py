@@ -228,6 +228,11 @@ class VirtualAdapterCache(Generic[V]):
         self._bytes -= size
         return value
 
+    def values(self) -> list[V]:
+        """The cached values, least recently used first (a snapshot)."""
+        with self._lock:
+            return [value for value, _ in self._entries.values()]
+
     def stats(self) -> CacheStats:
         with self._lock:
             return CacheStats(self._hits, self._misses, self._evictions, self._build_seconds,

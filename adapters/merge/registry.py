@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from adapters.merge.base import MergeMethod, MergeParams
+from adapters.merge.base import MergeMethod, MergeParameterError, MergeParams
 from adapters.merge.dare import DareLinearMerge, DareTiesMerge
 from adapters.merge.linear import LinearMerge
 from adapters.merge.neuro import NeuroMerge
@@ -13,7 +13,7 @@ from adapters.merge.ties import TiesMerge
 from adapters.merge.twin import TwinMerge
 
 
-class UnknownMergeMethodError(ValueError):
+class UnknownMergeMethodError(MergeParameterError):
     """A merge method name that is not in `MERGE_METHODS`."""
 
 
@@ -35,7 +35,7 @@ def get_merge_method(name: str) -> MergeMethod[Any, Any]:
     except (KeyError, TypeError):
         valid = ", ".join(sorted(MERGE_METHODS))
         raise UnknownMergeMethodError(
-            f"unknown merge method {name!r}; valid: {valid}"
+            f"unknown merge method {name!r}; valid: {valid}", "method"
         ) from None
 
 

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from adapters.merge.base import (
     MergeMethod,
+    MergeParameterError,
     MergeParams,
     ModuleInputs,
     check_deltas,
@@ -59,7 +60,8 @@ class TeParams(MergeParams):
         check_number("keep_ratio", self.keep_ratio, lo=0.0, hi=1.0, lo_open=True)
         check_int("n_bins", self.n_bins, lo=2)
         if not isinstance(self.exclusive_full, bool):
-            raise ValueError(f"exclusive_full must be a bool, got {self.exclusive_full!r}")
+            raise MergeParameterError(
+                f"exclusive_full must be a bool, got {self.exclusive_full!r}", "exclusive_full")
 
 
 @dataclass(frozen=True)

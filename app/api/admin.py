@@ -14,10 +14,29 @@ from adapters.blend import AUTO_MODEL, BASE_MODEL
 from adapters.errors import AdapterNotFoundError
 from app.api.deps import adapter_ids, ready_engine, require_admin_key
 from app.api.errors import AdapterConflictError, InvalidParameterError
-from app.protocol import AdapterRequest, AdapterResponse
+from app.protocol import (
+    AdapterRequest,
+    AdapterResponse,
+    AdapterTier,
+    AdapterTierList,
+    RefusedAdapterInfo,
+)
 
 router = APIRouter(prefix="/v1/adapters", tags=["admin"],
                    dependencies=[Depends(require_admin_key)])
+
+
+@router.get("")
+async def list_adapters(request: Request) -> AdapterTierList:
+    """Every adapter of the store with the tier it is in now (device, host or disk), and the
+    adapters the store refused at validation, with why."""
+    engine = ready_engine(request)
+    infos = await run_in_threadpool(engine.adapters)
+    return AdapterTierList(
+        data=[AdapterTier(**vars(info)) for info in infos],
+        refused=[RefusedAdapterInfo(id=r.id, reason=r.reason)
+                 for r in engine.refused_adapters()],
+    )
 
 
 @router.post("", status_code=201)

@@ -2,13 +2,16 @@
 
 Every failure leaves the server as `{"error": {"message", "type", "param", "code"}}` with the
 status from `ERROR_TABLE`, found by walking the exception's MRO, so a new engine or adapter error
-inherits a sensible status from its base class. Nothing ever answers 200 with an error, and a
-stack trace never reaches a client (500s are logged here instead).
+inherits a sensible status from its base class. The field at fault comes from the exception's
+own `param`, never from its message. Only typed errors are a client's fault: anything else
+(a bare ValueError included) is a 500, logged here, and a stack trace never reaches a client.
+429 and 503 carry `Retry-After`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,12 +28,19 @@ from adapters.errors import (
     IncompatibleAdapterError,
     UnsafeAdapterError,
 )
+from adapters.merge import MergeParameterError, UnknownMergeMethodError
 from app.engine.types import (
+    AdapterPlacementError,
     ContextLengthExceededError,
+    EngineDeadError,
     EngineError,
     EngineNotReadyError,
     EngineOverloadedError,
+    GenerationError,
+    InvalidRequestError,
+    RequestCancelledError,
 )
+from router_index.router import RoutingOptionError
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +93,6 @@ class MethodNotAllowedError(ApiError):
     """The path exists, not with this method."""
 
 
-class GenerationFailedError(ApiError):
-    """The engine reported an error while generating."""
-
-
-class GenerationCancelledError(ApiError):
-    """The engine stopped the request before it finished (shutdown)."""
-
-
 class LoadFailedError(ApiError):
     """Loading the base model, adapters or index failed at start-up."""
 
@@ -100,6 +102,7 @@ class ErrorKind:
     status: int
     type: str
     code: str | None
+    param_prefix: str = ""  # the request object the exception's `param` lives in
 
 
 _INVALID = "invalid_request_error"
@@ -116,13 +119,22 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     RequestTooLargeError: ErrorKind(413, _INVALID, "request_too_large"),
     RouteNotFoundError: ErrorKind(404, "not_found_error", "route_not_found"),
     MethodNotAllowedError: ErrorKind(405, _INVALID, "method_not_allowed"),
-    GenerationFailedError: ErrorKind(500, "server_error", "generation_failed"),
-    GenerationCancelledError: ErrorKind(503, "service_unavailable_error", "cancelled"),
     LoadFailedError: ErrorKind(500, "server_error", "load_failed"),
+    # The engine's typed errors.
+    InvalidRequestError: ErrorKind(400, _INVALID, "invalid_parameter"),
     ContextLengthExceededError: ErrorKind(400, _INVALID, "context_length_exceeded"),
     EngineOverloadedError: ErrorKind(429, "rate_limit_error", "overloaded"),
     EngineNotReadyError: ErrorKind(503, "service_unavailable_error", "not_ready"),
+    EngineDeadError: ErrorKind(503, "service_unavailable_error", "engine_dead"),
+    AdapterPlacementError: ErrorKind(503, "service_unavailable_error", "adapter_placement"),
+    GenerationError: ErrorKind(500, "server_error", "generation_failed"),
+    RequestCancelledError: ErrorKind(503, "service_unavailable_error", "cancelled"),
     EngineError: ErrorKind(400, _INVALID, None),
+    # The router's and the merge registry's.
+    RoutingOptionError: ErrorKind(400, _INVALID, "invalid_parameter"),
+    UnknownMergeMethodError: ErrorKind(400, _INVALID, "unknown_merge_method", "merge."),
+    MergeParameterError: ErrorKind(400, _INVALID, "invalid_parameter", "merge."),
+    # The adapters'.
     AdapterNotFoundError: ErrorKind(404, "not_found_error", "adapter_not_found"),
     IncompatibleAdapterError: ErrorKind(400, _INVALID, "incompatible_adapter"),
     UnsafeAdapterError: ErrorKind(400, _INVALID, "unsafe_adapter"),
@@ -130,7 +142,6 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     AdapterError: ErrorKind(400, _INVALID, None),
     # nginx's "client closed request": only ever seen in logs and metrics.
     ClientDisconnect: ErrorKind(499, _INVALID, "client_disconnected"),
-    ValueError: ErrorKind(400, _INVALID, "invalid_value"),
     Exception: ErrorKind(500, "server_error", "internal_error"),
 }
 
@@ -151,15 +162,25 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
     else:
         message = str(exc) or type(exc).__name__
     param = getattr(exc, "param", None)
+    if param is not None:
+        param = kind.param_prefix + param
     return kind.status, {
         "error": {"message": message, "type": kind.type, "param": param, "code": kind.code}
     }
 
 
+def error_headers(exc: BaseException, status: int) -> dict[str, str]:
+    """`WWW-Authenticate` on 401; `Retry-After` (whole seconds) on 429 and 503."""
+    if status == 401:
+        return {"WWW-Authenticate": "Bearer"}
+    if status in (429, 503):
+        return {"Retry-After": str(max(1, math.ceil(getattr(exc, "retry_after_s", 1.0))))}
+    return {}
+
+
 def error_response(exc: BaseException) -> JSONResponse:
     status, body = error_body(exc)
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(body, status_code=status, headers=error_headers(exc, status))
 
 
 def _from_http_exception(exc: StarletteHTTPException, request: Request) -> BaseException:

@@ -8,6 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.api.deps import get_engine, ready_engine
 from app.api.errors import LoadFailedError
+from app.engine.types import EngineDeadError
 
 router = APIRouter(tags=["health"])
 
@@ -20,10 +21,14 @@ def _check_loaded(request: Request) -> None:
 
 @router.get("/health")
 async def health(request: Request) -> dict[str, str]:
-    """Alive: answers while loading and draining too; 500 only if loading failed."""
+    """Alive: answers while loading and draining too; 500 if loading failed, 503 once the
+    engine's worker is dead (an orchestrator should restart the process)."""
     _check_loaded(request)
     engine = get_engine(request)
-    return {"status": "draining" if engine.draining else "ok" if engine.ready else "loading"}
+    state = engine.health()
+    if state == "dead":
+        raise EngineDeadError(f"the engine is dead: {engine.stats().dead_reason}")
+    return {"status": "ok" if state == "ready" else state}
 
 
 @router.get("/ready")
@@ -32,7 +37,7 @@ async def ready(request: Request) -> dict[str, object]:
     draining, so a load balancer stops sending traffic the moment SIGTERM arrives."""
     _check_loaded(request)
     stats = ready_engine(request).stats()
-    return {"status": "ready", "adapters": list(stats.adapters), "device": stats.device,
+    return {"status": "ready", "adapters": stats.adapters, "device": stats.device,
             "dtype": stats.dtype, "queued": stats.queued, "running": stats.running}
 
 

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -51,7 +52,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     engine = ready_engine(request)
     _refuse_unsupported(body.logprobs, False)
     messages, route_text = chat_texts(body.messages)
-    prompt = engine.render_chat(messages)
+    prompt = await run_in_threadpool(engine.render_chat, messages)  # templating is CPU work
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     run = await start_run(request, engine, body, body.model, [(prompt, route_text)], rid, body.n)
     if body.stream:

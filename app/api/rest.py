@@ -66,8 +66,10 @@ async def generate(body: GenerateRequest, request: Request) -> JSONResponse:
     engine = ready_engine(request)
     if not body.prompt:
         raise InvalidParameterError("prompt must not be empty", param="prompt")
-    prompt = (engine.render_chat([{"role": "user", "content": body.prompt}]) if body.chat
-              else body.prompt)
+    prompt = body.prompt
+    if body.chat:
+        prompt = await run_in_threadpool(engine.render_chat,
+                                         [{"role": "user", "content": body.prompt}])
     rid = f"gen-{uuid.uuid4().hex}"
     run = await start_run(request, engine, body, body.model, [(prompt, body.prompt)], rid)
     (text,) = await run.collect(request)
@@ -109,25 +111,22 @@ async def merge_preview(body: MergePreviewRequest, request: Request) -> MergePre
 @router.post("/embeddings")
 async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingResponse:
     engine = ready_engine(request)
-    embedder = engine.router.embedder
     texts = [body.input] if isinstance(body.input, str) else body.input
     if not texts or not all(isinstance(t, str) for t in texts):
         raise InvalidParameterError(
             "input must be a string or a non-empty list of strings (token arrays are not "
             "supported: the embedder has its own tokenizer)", param="input",
         )
-    if body.dimensions is not None and body.dimensions != embedder.dim:
+    if body.dimensions is not None and body.dimensions != engine.embedding_dim:
         raise InvalidParameterError(
-            f"{embedder.name} has {embedder.dim} dimensions; it cannot return "
+            f"{engine.embedder_name} has {engine.embedding_dim} dimensions; it cannot return "
             f"{body.dimensions}", param="dimensions",
         )
-    vectors, tokens = await run_in_threadpool(
-        lambda: (embedder.encode(texts), embedder.count_tokens(texts))
-    )
+    vectors, tokens = await run_in_threadpool(engine.embed, texts)
     return EmbeddingResponse(
         data=[Embedding(index=i, embedding=_encoded(v, body.encoding_format))
               for i, v in enumerate(vectors)],
-        model=embedder.name,
+        model=engine.embedder_name,
         usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
     )
 

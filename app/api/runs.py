@@ -1,5 +1,10 @@
 """From a parsed request to engine streams and back: admission off the event loop, n streams
-merged, cancellation when the client goes away."""
+merged, cancellation when the client goes away.
+
+A run is returned only once every stream is settled (its adapters are on the device, or it
+failed before starting), so that a request that cannot be placed still gets its real status
+(503) rather than a stream that breaks after `200 OK`.
+"""
 
 from __future__ import annotations
 
@@ -20,18 +25,25 @@ from app.api.deps import (
     routing_options,
     sampling_params,
 )
-from app.api.errors import GenerationCancelledError, GenerationFailedError, InvalidParameterError
-from app.engine.engine import Engine
+from app.api.errors import InvalidParameterError
+from app.engine.protocol import EngineClient
 from app.engine.stream import GenerationStream
-from app.engine.types import GenerationRequest, SamplingParams, TokenEvent
+from app.engine.types import (
+    GenerationError,
+    GenerationRequest,
+    RequestCancelledError,
+    SamplingParams,
+    TokenEvent,
+)
 from app.protocol import AdapterWeight, RoutingInfo, SamplingFields, Usage
 
 # The engine's finish reasons that complete a request; the others become table errors.
 _FINISH_REASONS = {"stop": "stop", "length": "length"}
 ADAPTERS_HEADER = "x-dynamerge-adapters"
 
+
 def _submit_all(
-    engine: Engine, requests: list[GenerationRequest], loop: asyncio.AbstractEventLoop
+    engine: EngineClient, requests: list[GenerationRequest], loop: asyncio.AbstractEventLoop
 ) -> list[GenerationStream]:
     streams: list[GenerationStream] = []
     try:
@@ -54,11 +66,22 @@ class Run:
 
     @classmethod
     async def start(
-        cls, engine: Engine, requests: list[GenerationRequest], n: int
+        cls, engine: EngineClient, requests: list[GenerationRequest], n: int
     ) -> Run:
-        """Admit every request; routing and admission run in a worker thread, off the loop."""
+        """Admit every request (routing and admission run in a worker thread, off the loop),
+        then wait until all are settled; a request that failed first raises its error."""
         loop = asyncio.get_running_loop()
-        return cls(await run_in_threadpool(_submit_all, engine, requests, loop), n)
+        run = cls(await run_in_threadpool(_submit_all, engine, requests, loop), n)
+        try:
+            finals = [await stream.settled() for stream in run.streams]
+        except BaseException:
+            run.cancel()  # the client went away while the adapters were being placed
+            raise
+        for final in finals:
+            if final is not None and final.error is not None:
+                run.cancel()
+                raise final.error
+        return run
 
     def routing(self, i: int = 0) -> RoutingInfo:
         admission = self.streams[i].admission
@@ -82,13 +105,16 @@ class Run:
                      total_tokens=prompt + completion)
 
     def finish_reason(self, i: int) -> str:
+        """The OpenAI finish reason of choice i; raises the engine's error if it failed."""
         event = self.finals[i]
         reason = event.finish_reason if event is not None else None
+        if reason in _FINISH_REASONS:
+            return _FINISH_REASONS[reason]
+        if event is not None and event.error is not None:
+            raise event.error
         if reason == "cancelled":
-            raise GenerationCancelledError("the request was cancelled before it finished")
-        if reason not in _FINISH_REASONS:
-            raise GenerationFailedError("generation failed; see the server log")
-        return _FINISH_REASONS[reason]
+            raise RequestCancelledError("the request was cancelled before it finished")
+        raise GenerationError("generation failed; see the server log")
 
     def cancel(self) -> None:
         for stream in self.streams:
@@ -148,7 +174,7 @@ async def _disconnected(receive: Receive) -> None:
 
 
 async def start_run(
-    request: Request, engine: Engine, body: SamplingFields, model: str,
+    request: Request, engine: EngineClient, body: SamplingFields, model: str,
     prompts: list[tuple[str, str]], rid: str, n: int = 1,
 ) -> Run:
     """Validate everything, then admit `n` sequences per (prompt, route text) pair.

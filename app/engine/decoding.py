@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from app.engine.detokenize import IncrementalText
-from app.engine.sampling import Sampler
-from app.engine.types import FinishReason, GenerationRequest
+from app.engine.sampling import Sampler, TokenConstraint
+from app.engine.types import FinishReason, GenerationRequest, TokenLogprob
+
+ConstraintFactory = Callable[[GenerationRequest], TokenConstraint | None]
 
 
 class Sequence:
-    """The state of one request being generated."""
+    """The state of one request being generated.
+
+    `prefilled` counts the prompt tokens already in the KV cache: a long prompt is prefilled in
+    chunks over several steps, and the sequence samples its first token once it reaches
+    `len(prompt_ids)`.
+    """
 
     def __init__(
         self,
@@ -20,19 +29,26 @@ class Sequence:
         tokenizer: PreTrainedTokenizerBase,
         eos_ids: frozenset[int],
         device: torch.device,
+        constraint: TokenConstraint | None = None,
     ) -> None:
         self.request = request
         self.prompt_ids = prompt_ids
         self.eos_ids = eos_ids
-        self.device = device
-        self.sampler = Sampler(request.sampling, device)
+        self.ignore_eos = request.sampling.ignore_eos
+        eos_id = min(eos_ids) if eos_ids else None
+        self.sampler = Sampler(request.sampling, device, eos_id, constraint)
         self.text = IncrementalText(tokenizer, request.sampling.stop)
-        self.all_ids = torch.tensor([prompt_ids], device=device)
+        self.token_ids = list(prompt_ids)  # prompt, then every generated token
+        self.prefilled = 0
+
+    def choose(self, logits: torch.Tensor) -> tuple[int, TokenLogprob | None]:
+        """Sample the next token from `logits` [1, vocab]."""
+        return self.sampler(self.token_ids, logits)
 
     def accept(self, token: int) -> tuple[str, FinishReason | None]:
         """Record a sampled token. Returns the text it releases and why we stop, if we do."""
-        self.all_ids = torch.cat([self.all_ids, self.all_ids.new_tensor([[token]])], dim=1)
-        if token in self.eos_ids:
+        self.token_ids.append(token)
+        if token in self.eos_ids and not self.ignore_eos:
             return self.text.flush(), "stop"
         delta = self.text.add(token)
         if self.text.stopped:
@@ -42,13 +58,18 @@ class Sequence:
         return delta, None
 
     @property
+    def prompt_left(self) -> int:
+        """Prompt tokens not yet in the KV cache."""
+        return len(self.prompt_ids) - self.prefilled
+
+    @property
     def length(self) -> int:
-        return self.all_ids.shape[1]
+        return len(self.token_ids)
 
     @property
     def last_token(self) -> int:
-        return int(self.all_ids[0, -1])
+        return self.token_ids[-1]
 
     @property
     def completion_tokens(self) -> int:
-        return self.all_ids.shape[1] - len(self.prompt_ids)
+        return len(self.token_ids) - len(self.prompt_ids)

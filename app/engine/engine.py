@@ -1,106 +1,128 @@
-"""The engine: base model + blended LoRA layers + router, driven by one worker thread.
+"""The engine: base model + blended LoRA layers + adapter tiers + router, driven by one worker.
 
-Contract (what the server uses; nothing here knows HTTP):
-    load()                     base, adapters, index; warm-up; then `ready`
-    route(text, options)       the routing decision alone
-    submit(request, loop)      admit a request -> GenerationStream (events, cancel)
-    register_adapter(id) / unregister_adapter(id)
-    stats(), drain(), shutdown()
+It implements `EngineClient` (app/engine/protocol.py), which is all the HTTP service uses.
+
+Admission (`submit`, in the caller's thread): tokenise, route over every adapter of the store,
+build a merged adapter if the method needs one, then hand the job to the residency manager
+(which pins its adapters at once or has the loader bring them in) and to the scheduler. The
+worker thread runs the scheduler; if it ever fails beyond one request, the engine fails every
+request it holds exactly once, turns dead, and `health()` says so.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import queue
 import threading
 import time
-from collections import Counter
-from dataclasses import dataclass
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from adapters.blend import AUTO_MODEL, BASE_MODEL, Blend, blend_for
 from adapters.errors import AdapterNotFoundError, IncompatibleAdapterError
-from adapters.registry import list_store, load_adapter
+from adapters.host_cache import HostCache
+from adapters.merge.preview import InterferencePreview
+from adapters.store import AdapterStore, HostAdapters
 from adapters.virtual import VirtualAdapter
 from app import metrics
-from app.engine.adapter_bank import AdapterBank
 from app.engine.base_model import load_base_model
 from app.engine.blended_lora import BlendContext, install_blended_layers
+from app.engine.device_slots import DeviceSlots
 from app.engine.merging import Merging, task_inputs_collector
-from app.engine.scheduler import Job, Scheduler
+from app.engine.protocol import AdapterInfo, EngineStats, Health, RefusedAdapter
+from app.engine.residency import Residency, Target
+from app.engine.scheduler import WAKE, Job, Scheduler
 from app.engine.stream import GenerationStream
 from app.engine.types import (
     Admission,
     ContextLengthExceededError,
+    EngineDeadError,
     EngineNotReadyError,
     EngineOverloadedError,
     GenerationRequest,
+    InvalidRequestError,
+    MergeSpec,
 )
 from app.settings import Settings
+from router_index.calibrate import load_calibration
 from router_index.embedder import Embedder
+from router_index.embedding_cache import EmbeddingCache, embedder_identity
 from router_index.router import RouteDecision, Router, RoutingOptions
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class EngineStats:
-    ready: bool
-    draining: bool
-    queued: int
-    running: int
-    adapters: tuple[str, ...]
-    device: str
-    dtype: str
-
-
 class Engine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.ready = False
+        self._ready = False
         self.draining = False
-        self._model_lock = threading.RLock()  # held by every forward and every slot write
-        self._admit_lock = threading.Lock()
-        self._queue: queue.Queue[Job | None] = queue.Queue()
-        self._in_flight = 0  # admitted and not finished
-        self._slot_refs: Counter[int] = Counter()  # running requests per slot
-        self._retired_slots: list[str] = []  # unregistered, cleared once nobody uses them
-        self._evicted: set[str] = set()  # virtual adapters evicted before they were placed
+        self.dead_reason: str | None = None
+        self.model_lock = threading.RLock()  # held by every forward and every slot write
+        # One lock for admission, the in-flight count and death; drainers wait on it.
+        self._lock = threading.Condition(threading.RLock())
+        self._in_flight: set[Job] = set()
+        self._queue: queue.Queue = queue.Queue()
         self._worker: threading.Thread | None = None
-        self._idle = threading.Condition()
+        self.scheduler: Scheduler | None = None
 
     # --- start-up -------------------------------------------------------------------------
     def load(self, show_progress: bool = True) -> None:
-        """Load base, adapters and router index; warm up; start the worker; become ready."""
+        """Load base, layers, adapter tiers and router index; warm up; become ready."""
         s = self.settings
         torch.set_num_threads(self.threads)
         self.model, self.tokenizer, self.device, self.dtype = load_base_model(s)
         self.context = BlendContext()
-        slots = s.max_adapters + s.max_virtual_adapters
-        layers = install_blended_layers(self.model, set(s.lora_target_modules), self.context, slots)
-        self.bank = AdapterBank(layers, slots)
-        self.merging = Merging(s, self.bank, task_inputs_collector(self), self._retire)
-        self.router = Router(Embedder(s.embedder_path), routing_defaults(s))
-        ids = s.adapters if s.adapters is not None else list_store(s.adapter_store)
-        shapes = self.bank.base_shapes()
-        for adapter_id in ids:
-            self.bank.add(load_adapter(s.adapter_store, adapter_id, shapes, self.dtype))
-        self.router.build(
-            {a.id: a.exemplars for a in self.bank.adapters.values()}, show_progress=show_progress
+        layers = install_blended_layers(self.model, set(s.lora_target_modules), self.context,
+                                        s.max_adapters + s.max_virtual_adapters)
+        self.layers = layers
+        self.slots = DeviceSlots(layers, s.max_adapters, s.max_virtual_adapters)
+        self.store = AdapterStore(s.adapter_store, self.slots.base_shapes(), self.dtype)
+        self.store.scan(s.adapters, show_progress=show_progress)
+        self.host = HostCache(
+            s.host_adapter_bytes, self.store.load, pin_memory=self.device.type == "cuda",
+            on_load=lambda _id, seconds: (
+                metrics.ADAPTER_LOADS.labels(tier="host").inc(),
+                metrics.ADAPTER_LOAD_SECONDS.labels(tier="host").observe(seconds)),
+            on_evict=lambda _id: metrics.ADAPTER_EVICTIONS.labels(tier="host").inc(),
         )
-        if s.fallback_adapter is not None and s.fallback_adapter not in self.bank:
-            raise AdapterNotFoundError(f"fallback adapter {s.fallback_adapter!r} is not loaded")
+        self.residency = Residency(self.slots, self.store, self.host, self.model_lock,
+                                   lambda: self._queue.put(WAKE), s.placement_timeout_s)
+        self.merging = Merging(s, HostAdapters(self.store, self.host.get), layers,
+                               task_inputs_collector(self), self.residency.retire)
+        embedder = Embedder(s.embedder_path)
+        cache = EmbeddingCache(
+            s.cache_dir / "embeddings", embedder_identity(embedder.path, embedder.name,
+                                                          embedder.dim),
+        ) if s.embedding_cache else None
+        self.router = Router(embedder, routing_defaults(s), cache, s.knn_approximate_above)
+        routable = {a: self.store.spec(a).exemplars for a in self.store.ids()
+                    if self.store.spec(a).exemplars}
+        self.router.build(routable, show_progress=show_progress)
+        for adapter_id in [s.fallback_adapter, *s.pinned_adapters]:
+            if adapter_id is not None and adapter_id not in self.store:
+                raise AdapterNotFoundError(f"adapter {adapter_id!r} of the settings is not "
+                                           "servable (see the refused adapters in the log)")
         self.eos_ids = self._eos_ids()
         self.context_length = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
+        self.residency.start()
+        self.residency.pin_forever(list(s.pinned_adapters))
+        self.scheduler = Scheduler(
+            self.model, self.context, self.tokenizer, self.eos_ids, self.model_lock,
+            s.max_batch_size, s.max_step_tokens, self._release, self._constraint_for,
+        )
         self._worker = threading.Thread(target=self._work, name="dynamerge-engine", daemon=True)
         self._worker.start()
+        metrics.ENGINE_STATE.source = self._snapshot
         self._warm_up()
-        self.ready = True
-        log.info("engine ready: %d adapters on %s", len(self.bank.ids()), self.device)
+        self._ready = True
+        log.info("engine ready: %d adapters in the store (%d refused), %d device slots, on %s",
+                 len(self.store), len(self.store.refused), s.max_adapters, self.device)
 
     def _eos_ids(self) -> frozenset[int]:
         ids = {self.tokenizer.eos_token_id}
@@ -109,10 +131,65 @@ class Engine:
         return frozenset(i for i in ids if i is not None)
 
     def _warm_up(self) -> None:
-        for model in [BASE_MODEL, *self.bank.ids()[:1]]:
+        ids = self.store.ids()
+        for model in [BASE_MODEL, *ids[:1]]:
             prompt = self.render_chat([{"role": "user", "content": "Hi"}])
             request = GenerationRequest(prompt=prompt, route_text="Hi", model=model)
             self._admit(request, None, check_ready=False).result()
+
+    # --- state ----------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self._ready and self.dead_reason is None
+
+    def health(self) -> Health:
+        if self.dead_reason is not None or (
+            self._ready and self._worker is not None and not self._worker.is_alive()
+        ):
+            return "dead"
+        if self.draining:
+            return "draining"
+        return "ready" if self._ready else "loading"
+
+    def stats(self) -> EngineStats:
+        running = self.scheduler.active if self.scheduler is not None else 0
+        with self._lock:
+            in_flight = len(self._in_flight)
+        return EngineStats(
+            health=self.health(), queued=max(in_flight - running, 0), running=running,
+            adapters=len(self.store) if self._ready else 0,
+            device=str(getattr(self, "device", "")), dtype=str(getattr(self, "dtype", "")),
+            dead_reason=self.dead_reason,
+        )
+
+    def models(self) -> list[str]:
+        return [AUTO_MODEL, BASE_MODEL, *self.store.ids()]
+
+    def adapter_ids(self) -> list[str]:
+        """Servable adapters of the store, in store order."""
+        return self.store.ids()
+
+    def adapters(self) -> list[AdapterInfo]:
+        with self.residency._lock:
+            on_device = set(self.slots.resident("adapter"))
+            refs = {a: self.slots.refs(a) for a in on_device}
+        host = set(self.host.ids())
+        pinned = set(self.settings.pinned_adapters)
+        out = []
+        for adapter_id in self.store.ids():
+            spec = self.store.spec(adapter_id)
+            tier = "device" if adapter_id in on_device else "host" if adapter_id in host \
+                else "disk"
+            out.append(AdapterInfo(
+                id=adapter_id, tier=tier, rank=spec.rank, modules=len(spec.modules),
+                bytes=spec.nbytes, exemplars=len(spec.exemplars),
+                requests=max(refs.get(adapter_id, 0) - (adapter_id in pinned), 0),
+                pinned=adapter_id in pinned,
+            ))
+        return out
+
+    def refused_adapters(self) -> list[RefusedAdapter]:
+        return [RefusedAdapter(a, reason) for a, reason in sorted(self.store.refused.items())]
 
     # --- requests -------------------------------------------------------------------------
     def render_chat(self, messages: list[dict[str, str]]) -> str:
@@ -121,43 +198,72 @@ class Engine:
             messages, tokenize=False, add_generation_prompt=True
         )
 
-    def models(self) -> list[str]:
-        return [AUTO_MODEL, BASE_MODEL, *self.adapter_ids()]
+    def routing_options(self, **overrides: object) -> RoutingOptions:
+        """The server's routing defaults with a request's overrides (validated)."""
+        adapters = overrides.get("adapters")
+        if adapters is not None:
+            unknown = [a for a in adapters if a not in self.store]  # type: ignore[union-attr]
+            if unknown:
+                raise AdapterNotFoundError(
+                    f"routing.adapters names adapters that are not loaded: {unknown}",
+                    param="routing.adapters")
+            overrides["adapters"] = tuple(adapters)  # type: ignore[arg-type]
+        return self.router.options(**overrides)
 
-    def adapter_ids(self) -> list[str]:
-        """Adapters requests may use (those being unregistered are gone already)."""
-        return [a for a in self.bank.ids() if a not in self._retired_slots]
+    def merge_spec(
+        self, method: str, params: dict[str, object], storage: object = None, rank: object = None
+    ) -> MergeSpec:
+        """A request's merge, validated against the method registry."""
+        spec = MergeSpec(method=method, params=tuple(sorted(params.items())),
+                         storage=storage, rank=rank)  # type: ignore[arg-type]
+        if not spec.is_linear or params or storage is not None or rank is not None:
+            self.merging.options(spec)
+        return spec
 
     def route(self, text: str, options: RoutingOptions | None = None) -> RouteDecision:
         decision = self.router.route(text, options)
         metrics.ROUTING_LATENCY.observe(decision.latency_s)
         return decision
 
+    def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
+        """The router's embeddings of `texts` and the tokens it read."""
+        embedder = self.router.embedder
+        return embedder.encode(texts), embedder.count_tokens(texts)
+
+    @property
+    def embedder_name(self) -> str:
+        return self.router.embedder.name
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.router.embedder.dim
+
     def submit(
         self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None
     ) -> GenerationStream:
-        """Route and admit a request; raises an EngineError / AdapterError if it can't run."""
+        """Route and admit a request; raises a typed error if it can't run."""
         return self._admit(request, loop, check_ready=True)
 
     def _admit(
         self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None, check_ready: bool
     ) -> GenerationStream:
-        if check_ready and (not self.ready or self.draining):
-            raise EngineNotReadyError("the server is not ready" if not self.ready else "draining")
-        if request.model not in (AUTO_MODEL, BASE_MODEL) and request.model not in set(
-            self.adapter_ids()
-        ):
-            raise AdapterNotFoundError(f"model {request.model!r} does not exist")
+        if check_ready:
+            self._check_accepting()
+        if request.model not in (AUTO_MODEL, BASE_MODEL) and request.model not in self.store:
+            raise AdapterNotFoundError(f"model {request.model!r} does not exist", param="model")
         prompt_ids = self.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
         if not prompt_ids:
-            raise ValueError("the prompt is empty")
+            raise InvalidRequestError("the prompt is empty", param="prompt")
         needed = len(prompt_ids) + request.sampling.max_tokens
         if needed > self.context_length:
             raise ContextLengthExceededError(
                 f"this model's maximum context length is {self.context_length} tokens; the "
                 f"request needs {needed} ({len(prompt_ids)} in the prompt + "
-                f"{request.sampling.max_tokens} to generate)"
+                f"{request.sampling.max_tokens} to generate)", param="max_tokens",
             )
+        if any(t >= self.vocab_size for t, _ in request.sampling.logit_bias):
+            raise InvalidRequestError(f"logit_bias names token ids beyond the vocabulary "
+                                      f"({self.vocab_size})", param="logit_bias")
         if not request.merge.is_linear:
             self.merging.options(request.merge)  # a bad method or parameter fails fast
         decision = None
@@ -168,99 +274,91 @@ class Engine:
                 decision = self.route(request.route_text, request.routing)
                 _observe_decision(decision)
             blend = blend_for(request.model, decision, self.settings.fallback_adapter)
-        targets, cache_hit = blend, None
+        targets = tuple(Target(a, w) for a, w in blend)
+        cache_hit = None
         if blend and not request.merge.is_linear:
             virtual, cache_hit = self.merging.virtual_for(blend, request.merge)
-            targets = ((virtual.id, 1.0),)
-        with self._admit_lock:
-            if self._in_flight >= self.settings.max_queue:
-                raise EngineOverloadedError(
-                    f"{self._in_flight} requests in flight; retry later"
-                )
-            with self._model_lock:  # slots cannot change while we pin them
-                if cache_hit is not None and targets[0][0] not in self.bank:
-                    self._place_virtual(virtual)
-                rows = [(self.bank.slot_of(a), w) for a, w in targets]
-                for slot, _ in rows:
-                    self._slot_refs[slot] += 1
-            self._in_flight += 1
-            metrics.QUEUE_DEPTH.inc()
+            targets = (Target(virtual.id, 1.0, virtual),)
         admission = Admission(request.request_id, decision, blend, len(prompt_ids),
                               method=request.merge.method, cache_hit=cache_hit)
         stream = GenerationStream(admission, loop)
-        self._queue.put(Job(request, prompt_ids, rows, stream, time.perf_counter()))
+        job = Job(request, prompt_ids, stream, time.perf_counter())
+        with self._lock:
+            if check_ready:
+                self._check_accepting()
+            if len(self._in_flight) >= self.settings.max_queue:
+                raise EngineOverloadedError(
+                    f"{len(self._in_flight)} requests in flight, the most this server "
+                    "accepts; retry later")
+            self.residency.admit(job, targets)
+            self._in_flight.add(job)
+            metrics.QUEUE_DEPTH.inc()
+            self._queue.put(job)
         return stream
+
+    def _check_accepting(self) -> None:
+        if self.dead_reason is not None:
+            raise EngineDeadError(f"the engine is dead: {self.dead_reason}")
+        if not self._ready:
+            raise EngineNotReadyError("the server is still loading; retry shortly")
+        if self.draining:
+            raise EngineNotReadyError("the server is shutting down; retry on another replica")
 
     def _explicit_mix(self, request: GenerationRequest) -> Blend:
         if request.model != AUTO_MODEL:
-            raise ValueError("an explicit adapter mix needs model 'auto'")
-        known = set(self.adapter_ids())
-        unknown = [a for a, _ in request.mix or () if a not in known]
+            raise InvalidRequestError("an explicit adapter mix needs model 'auto'",
+                                      param="model")
+        unknown = [a for a, _ in request.mix or () if a not in self.store]
         if unknown:
-            raise AdapterNotFoundError(f"mix names unknown adapters: {unknown}")
+            raise AdapterNotFoundError(f"mix names unknown adapters: {unknown}", param="mix")
         return tuple((a, float(w)) for a, w in request.mix or () if w != 0)
 
-    def preview_merge(self, adapter_ids: list[str], max_modules: int = 24):
+    def _constraint_for(self, request: GenerationRequest):
+        if not request.sampling.json_object:
+            return None
+        from app.engine.json_constraint import JsonObjectConstraint, token_texts
+
+        return JsonObjectConstraint(token_texts(self.tokenizer, self.vocab_size))
+
+    def preview_merge(self, adapter_ids: Sequence[str], max_modules: int = 24
+                      ) -> InterferencePreview:
         """Interference statistics of merging `adapter_ids` (see adapters.merge.preview)."""
-        known = set(self.adapter_ids())
-        unknown = [a for a in adapter_ids if a not in known]
+        unknown = [a for a in adapter_ids if a not in self.store]
         if unknown:
-            raise AdapterNotFoundError(f"unknown adapters: {unknown}")
+            raise AdapterNotFoundError(f"unknown adapters: {unknown}", param="adapters")
         if not adapter_ids:
-            raise ValueError("preview needs at least one adapter")
-        return self.merging.preview(adapter_ids, max_modules)
+            raise InvalidRequestError("preview needs at least one adapter", param="adapters")
+        return self.merging.preview(list(adapter_ids), max_modules)
+
+    def static_merge(self, blend: Blend, spec: MergeSpec) -> VirtualAdapter:
+        """A merge built outside the cache and the slots (`dynamerge merge` exports it)."""
+        unknown = [a for a, _ in blend if a not in self.store]
+        if unknown:
+            raise AdapterNotFoundError(f"unknown adapters: {unknown}", param="adapters")
+        return self.merging.build_static(blend, spec)
 
     # --- adapters -------------------------------------------------------------------------
     def register_adapter(self, adapter_id: str) -> None:
-        """Load `adapter_id` from the store into a free slot and index its exemplars, live."""
-        adapter = load_adapter(
-            self.settings.adapter_store, adapter_id, self.bank.base_shapes(), self.dtype
-        )
-        if not adapter.exemplars:
-            raise IncompatibleAdapterError(f"adapter {adapter_id!r} has no exemplars.jsonl")
-        with self._model_lock:
-            self._reap_retired()
-            if adapter_id in self.bank:
-                raise IncompatibleAdapterError(f"adapter {adapter_id!r} is already registered")
-            self.bank.add(adapter)
+        """Validate `<store>/<adapter_id>` and route to it from now on (loaded when used)."""
+        if adapter_id in self.store:
+            raise IncompatibleAdapterError(f"adapter {adapter_id!r} is already registered",
+                                           param="id")
+        spec = self.store.add(adapter_id)
+        if not spec.exemplars:
+            self.store.remove(adapter_id)
+            raise IncompatibleAdapterError(f"adapter {adapter_id!r} has no exemplars.jsonl",
+                                           param="id")
+        self.host.drop(adapter_id)  # a previous version's tensors must not be served
         self.merging.forget(adapter_id)  # set-dependent preparations must see the new task
-        self.router.add_task(adapter_id, adapter.exemplars)
+        self.router.add_task(adapter_id, spec.exemplars)
 
     def unregister_adapter(self, adapter_id: str) -> None:
         """Stop routing to `adapter_id` now; free its slot once no running request uses it."""
-        with self._model_lock:
-            if adapter_id in self._retired_slots:
-                raise AdapterNotFoundError(f"adapter {adapter_id!r} is not loaded")
-            slot = self.bank.slot_of(adapter_id)
-            self.router.remove_task(adapter_id)
-            self._retired_slots.append(adapter_id)
-            if self._slot_refs[slot] == 0:
-                self._reap_retired()
+        self.store.remove(adapter_id)
+        self.router.remove_task(adapter_id)
+        self.host.drop(adapter_id)
         self.merging.forget(adapter_id)
-
-    def _place_virtual(self, virtual: VirtualAdapter) -> None:
-        """Put a merged adapter in a slot (under the model lock); if the cache no longer holds
-        it (evicted meanwhile), retire it at once so it leaves with its last request."""
-        self._reap_retired()
-        self.bank.add_virtual(virtual)
-        if virtual.id in self._evicted:
-            self._evicted.discard(virtual.id)
-            self._retired_slots.append(virtual.id)
-
-    def _retire(self, adapter_id: str) -> None:
-        """The merge cache evicted a virtual adapter: free its slot once nobody uses it."""
-        with self._model_lock:
-            if adapter_id not in self.bank:
-                self._evicted.add(adapter_id)  # not placed yet: retire it when it is
-            elif adapter_id not in self._retired_slots:
-                self._retired_slots.append(adapter_id)
-                self._reap_retired()
-
-    def _reap_retired(self) -> None:
-        for adapter_id in list(self._retired_slots):
-            if self._slot_refs[self.bank.slot_of(adapter_id)] == 0:
-                self.bank.remove(adapter_id)
-                self._retired_slots.remove(adapter_id)
+        self.residency.retire(adapter_id)
 
     # --- the worker -----------------------------------------------------------------------
     @property
@@ -270,40 +368,45 @@ class Engine:
 
     def _work(self) -> None:
         torch.set_num_threads(self.threads)  # this thread runs every forward pass
-        Scheduler(
-            self.model, self.context, self.tokenizer, self.eos_ids, self._model_lock,
-            self.settings.max_batch_size, self._release,
-        ).run(self._queue)
+        assert self.scheduler is not None
+        try:
+            self.scheduler.run(self._queue)
+        except BaseException as exc:  # a bug beyond one request: nothing can be trusted now
+            log.critical("the engine worker failed; the engine is dead", exc_info=exc)
+            self._die(f"{type(exc).__name__}: {exc}")
+
+    def _die(self, reason: str) -> None:
+        """Fail every request held, once each, and refuse new ones (health turns dead)."""
+        assert self.scheduler is not None
+        with self._lock:
+            self.dead_reason = reason
+            while True:
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None and job is not WAKE:
+                    self.scheduler.waiting.append(job)
+            self.scheduler.fail_everything(EngineDeadError(f"the engine is dead: {reason}"))
 
     def _release(self, job: Job) -> None:
-        """A request left the engine: unpin its slots, free retired ones, wake drainers."""
-        with self._model_lock:
-            for slot, _ in job.rows:
-                self._slot_refs[slot] -= 1
-            self._reap_retired()
-        with self._idle:
-            self._in_flight -= 1
-            self._idle.notify_all()
+        """A request left the engine: unpin its slots, wake drainers. Once per job."""
+        self.residency.release(job)
+        with self._lock:
+            self._in_flight.discard(job)
+            self._lock.notify_all()
 
     # --- lifecycle ------------------------------------------------------------------------
-    def stats(self) -> EngineStats:
-        return EngineStats(
-            ready=self.ready, draining=self.draining, queued=self._queue.qsize(),
-            running=max(self._in_flight - self._queue.qsize(), 0),
-            adapters=tuple(self.adapter_ids()) if self.ready else (),
-            device=str(getattr(self, "device", "")), dtype=str(getattr(self, "dtype", "")),
-        )
-
     def drain(self, timeout_s: float) -> bool:
         """Refuse new requests, wait for those in flight. True if all finished in time."""
         self.draining = True
         deadline = time.monotonic() + timeout_s
-        with self._idle:
-            while self._in_flight > 0:
+        with self._lock:
+            while self._in_flight:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                self._idle.wait(left)
+                self._lock.wait(left)
         return True
 
     def shutdown(self) -> None:
@@ -311,21 +414,49 @@ class Engine:
             self._queue.put(None)
             self._worker.join(timeout=10)
             self._worker = None
+        if getattr(self, "residency", None) is not None:
+            self.residency.stop()
+        if metrics.ENGINE_STATE.source == self._snapshot:
+            metrics.ENGINE_STATE.source = None
+
+    def _snapshot(self) -> metrics.EngineSnapshot:
+        with self._lock:
+            jobs = list(self._in_flight)
+        started = [j for j in jobs if j.started]
+        waiting = [j for j in jobs if not j.started]
+        with self.residency._lock:
+            device = tuple(self.slots.resident("adapter"))
+        stats = self.host.stats()
+        return metrics.EngineSnapshot(
+            max_lora=self.settings.max_adapters,
+            running_adapters=_adapters_of(started), waiting_adapters=_adapters_of(waiting),
+            running=len(started), waiting=len(waiting), device=device,
+            host=tuple(self.host.ids()), host_bytes=stats.bytes, disk=len(self.store),
+            refused=len(self.store.refused),
+        )
+
+
+def _adapters_of(jobs: list[Job]) -> tuple[str, ...]:
+    seen: dict[str, None] = {}
+    for job in jobs:
+        seen.update(dict.fromkeys(a for a, _ in job.stream.admission.blend))
+    return tuple(seen)
 
 
 def routing_defaults(settings: Settings) -> RoutingOptions:
-    """The server's routing options: settings, overridden by a calibration file if given."""
-    values: dict[str, object] = {
-        "top_k": settings.top_k, "temperature": settings.temperature,
-        "threshold": settings.threshold, "scoring": settings.scoring,
-        "sharpening": settings.sharpening, "renormalize": settings.renormalize,
-        "knn_m": settings.knn_m,
-    }
-    if settings.calibration_file is not None:
-        calibrated = json.loads(settings.calibration_file.read_text(encoding="utf-8"))
-        values.update({k: calibrated[k] for k in values if calibrated.get(k) is not None})
-        log.info("routing calibrated from %s: %s", settings.calibration_file, values)
-    return RoutingOptions(**values)
+    """The server's routing options: settings, overridden by a calibration file if given
+    (read and validated by `router_index.calibrate.load_calibration`, the one loader)."""
+    options = RoutingOptions(
+        top_k=settings.top_k, temperature=settings.temperature, threshold=settings.threshold,
+        scoring=settings.scoring, sharpening=settings.sharpening,
+        renormalize=settings.renormalize, knn_m=settings.knn_m,
+    )
+    if settings.calibration_file is None:
+        return options
+    calibrated = load_calibration(settings.calibration_file).apply(options)
+    log.info("routing calibrated from %s: tau=%g threshold=%g", settings.calibration_file,
+             calibrated.temperature, calibrated.threshold)
+    return calibrated
 
 
 def _observe_decision(decision: RouteDecision) -> None:
@@ -336,4 +467,4 @@ def _observe_decision(decision: RouteDecision) -> None:
         metrics.ROUTING_DECISIONS.labels(adapter=hit.adapter_id).inc()
 
 
-__all__ = ["Blend", "Engine", "EngineStats"]
+__all__ = ["Blend", "Engine", "EngineStats", "routing_defaults"]

@@ -9,41 +9,52 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
 from adapters.blend import Blend
 from adapters.merge import VirtualAdapterCache, VirtualKey, get_merge_method
 from adapters.merge.preview import InterferencePreview, preview
+from adapters.registry import LoraAdapter
 from adapters.virtual import STORAGES, MergeFactory, MergeOptions, VirtualAdapter
 from app import metrics
 from app.engine.activations import collect_task_inputs
-from app.engine.adapter_bank import AdapterBank
-from app.engine.types import MergeSpec
+from app.engine.blended_lora import BlendedLoRALinear
+from app.engine.types import InvalidRequestError, MergeSpec
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
 class Merging:
-    """Owns the merge factory and the virtual-adapter cache of one engine."""
+    """Owns the merge factory and the virtual-adapter cache of one engine.
+
+    Args:
+        settings: the merge knobs.
+        adapters: the store's adapters, read through the host tier (tensors on demand).
+        layers: the blended layers (their base weights).
+        collect_inputs: TE's exemplar activations, collected once when first needed.
+        on_evict: a virtual adapter left the cache (its device slot may go).
+    """
 
     def __init__(
         self,
         settings: Settings,
-        bank: AdapterBank,
+        adapters: Mapping[str, LoraAdapter],
+        layers: Mapping[str, BlendedLoRALinear],
         collect_inputs: Callable[[], dict[str, dict[str, torch.Tensor]]],
         on_evict: Callable[[str], None],
     ) -> None:
         self.settings = settings
-        self.bank = bank
+        self.adapters = adapters
+        self.layers = layers
         self._on_evict = on_evict
         self._collect_inputs = collect_inputs
         self._inputs: dict[str, dict[str, torch.Tensor]] | None = None
         self._inputs_lock = threading.Lock()
         self.factory = MergeFactory(
-            bank.adapters, self._base_weight, self.task_inputs, settings.merge_prepared_bytes
+            adapters, self._base_weight, self.task_inputs, settings.merge_prepared_bytes
         )
         self.cache: VirtualAdapterCache[VirtualAdapter] = VirtualAdapterCache(
             settings.merge_cache_bytes,
@@ -59,14 +70,20 @@ class Merging:
         )
 
     def options(self, spec: MergeSpec) -> MergeOptions:
-        """Validated options of a request's merge; ValueError names the bad parameter."""
+        """Validated options of a request's merge.
+
+        Raises:
+            MergeParameterError: an unknown method, or a bad parameter of it (named).
+            InvalidRequestError: a bad storage or rank.
+        """
         method = get_merge_method(spec.method)
         storage = spec.storage or self.settings.merge_storage
         if storage not in STORAGES:
-            raise ValueError(f"merge.storage must be one of {', '.join(STORAGES)}")
+            raise InvalidRequestError(f"merge.storage must be one of {', '.join(STORAGES)}",
+                                      param="merge.storage")
         rank = spec.rank if spec.rank is not None else self.settings.merge_rank
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError("merge.rank must be an integer >= 1")
+            raise InvalidRequestError("merge.rank must be an integer >= 1", param="merge.rank")
         return MergeOptions(params=method.params(**dict(spec.params)), storage=storage, rank=rank)
 
     def virtual_for(self, blend: Blend, spec: MergeSpec) -> tuple[VirtualAdapter, bool]:
@@ -92,7 +109,7 @@ class Merging:
 
     def preview(self, adapter_ids: Sequence[str], max_modules: int) -> InterferencePreview:
         """Interference statistics over up to `max_modules` evenly spaced modules."""
-        modules = sorted({m for a in adapter_ids for m in self.bank.adapters[a].modules},
+        modules = sorted({m for a in adapter_ids for m in self.adapters[a].modules},
                          key=_module_order)
         step = max(1, len(modules) // max_modules)
         chosen = modules[::step][:max_modules]
@@ -111,7 +128,7 @@ class Merging:
         return virtual
 
     def _base_weight(self, module: str) -> torch.Tensor:
-        return self.bank.layers[module].base.weight.detach().float().cpu()
+        return self.layers[module].base.weight.detach().float().cpu()
 
     def task_inputs(self, adapter_ids: Sequence[str], module: str) -> list[torch.Tensor]:
         """TE's exemplar inputs of `module`, per adapter; collected through the model once."""
@@ -130,10 +147,10 @@ def task_inputs_collector(engine) -> Callable[[], dict[str, dict[str, torch.Tens
     """Collect TE's exemplar activations through `engine`'s model, holding its model lock."""
 
     def collect() -> dict[str, dict[str, torch.Tensor]]:
-        exemplars = {a.id: a.exemplars for a in engine.bank.adapters.values()}
-        with engine._model_lock:
+        exemplars = {a: engine.store.spec(a).exemplars for a in engine.store.ids()}
+        with engine.model_lock:
             return collect_task_inputs(
-                engine.model, engine.bank.layers, engine.tokenizer,
+                engine.model, engine.layers, engine.tokenizer,
                 lambda text: engine.render_chat([{"role": "user", "content": text}]),
                 exemplars, engine.settings.te_exemplars_per_task,
             )

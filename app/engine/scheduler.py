@@ -1,9 +1,22 @@
-"""Iteration-level batching (Orca, vLLM): requests join between decode steps and leave at once.
+"""Iteration-level scheduling (Orca, vLLM) with batched, chunked prefill (Sarathi).
 
-Every row of the running batch carries its own adapter mix, so requests with different mixes
-share each forward pass: that is what makes per-request merging cheap. A new request is
-prefilled alone (with its own mix), then joins the batch's shared KV cache; a finished or
-cancelled request leaves before the next step.
+Every row carries its own adapter mix, so requests with different mixes share each forward
+pass. One engine step:
+
+1. decodes one token for every running row (one forward pass over the shared `BatchCache`);
+2. spends the rest of the step's token budget (`max_step_tokens`, one token per running row)
+   on prefill: prompts that are partly prefilled first, then waiting ones, all of them in ONE
+   forward pass, each row with its own mix; a prompt longer than the budget is prefilled in
+   chunks over several steps, so running streams keep their pace;
+3. moves rows whose prompt is complete into the running batch, with their first token.
+
+The blend is linear per row and padding is masked, so a request's output never depends on
+the rows it shares a pass with, nor on how its prompt was chunked.
+
+Failure isolation: a request finishes exactly once, in `_finish`, after it has left every
+collection of the scheduler. A failed forward fails the rows of that forward only; a failed
+sampling, detokenising or stop check fails that row only. An error that escapes a step (a bug
+in the scheduler itself) reaches the engine, which fails everything once and marks itself dead.
 """
 
 from __future__ import annotations
@@ -13,41 +26,79 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.cache_utils import Cache
 
 from app import metrics
-from app.engine.batch_cache import BatchCache
+from app.engine.batch_cache import BatchCache, RowCache, split_rows, stack_rows
 from app.engine.blended_lora import BlendBatch, BlendContext
-from app.engine.decoding import Sequence
+from app.engine.decoding import ConstraintFactory, Sequence
 from app.engine.stream import GenerationStream
-from app.engine.types import FinishReason, GenerationRequest, TokenEvent
+from app.engine.types import (
+    EngineError,
+    FinishReason,
+    GenerationError,
+    GenerationRequest,
+    RequestCancelledError,
+    TokenEvent,
+    TokenLogprob,
+)
 
 log = logging.getLogger(__name__)
+_MIN_PREFILL_TOKENS = 16  # prefill progresses even when running rows use the whole budget
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
-    """An admitted request, waiting for the scheduler."""
+    """An admitted request.
+
+    It reaches the scheduler at once; it may start only once it is `placed`: its adapters are
+    resident and pinned, and `rows` holds their (slot, weight) pairs. A job that cannot be
+    placed gets `placement_error`, and the scheduler finishes it with that error.
+    """
 
     request: GenerationRequest
     prompt_ids: list[int]
-    rows: list[tuple[int, float]]  # (slot, weight) blended for this request
     stream: GenerationStream
     admitted_at: float
+    rows: list[tuple[int, float]] = field(default_factory=list)
+    placed: bool = False
+    placement_error: EngineError | None = None
+    started: bool = False  # the scheduler took it into a batch
+    finished: bool = False  # set by the one place that finishes a job
 
 
-@dataclass
-class _Running:
+WAKE = object()  # put on the job queue to wake an idle scheduler (a placement happened)
+_IDLE_POLL_S = 0.05  # how often an idle scheduler with unplaced jobs looks for cancellations
+
+
+@dataclass(eq=False)
+class _Active:
+    """A job the scheduler has started: prefilling (with `cache`) or decoding (in the batch)."""
+
     job: Job
     sequence: Sequence
-    first_token_at: float
+    cache: RowCache | None = None  # the prompt's states so far, while it is being prefilled
+    first_token_at: float | None = None
 
 
 class Scheduler:
-    """Runs on the engine's worker thread; `run` returns when it reads the `None` sentinel."""
+    """Runs on the engine's worker thread; `run` returns when it reads the `None` sentinel.
+
+    Args:
+        model: the base model with blended layers installed.
+        context: where a forward pass finds its rows' mixes.
+        tokenizer: the base model's tokenizer.
+        eos_ids: tokens that end a sequence.
+        model_lock: held by every forward pass (adapter slots are written under it).
+        max_batch_size: rows decoding or prefilling at once.
+        max_step_tokens: token budget of one step (decode rows count one each).
+        on_done: called once per job when it finishes, before its final event.
+        constraint_for: builds a request's output constraint (JSON mode), or None.
+    """
 
     def __init__(
         self,
@@ -57,7 +108,9 @@ class Scheduler:
         eos_ids: frozenset[int],
         model_lock: threading.RLock,
         max_batch_size: int,
+        max_step_tokens: int,
         on_done: Callable[[Job], None],
+        constraint_for: ConstraintFactory | None = None,
     ) -> None:
         self.model = model
         self.context = context
@@ -65,70 +118,67 @@ class Scheduler:
         self.eos_ids = eos_ids
         self.model_lock = model_lock
         self.max_batch_size = max_batch_size
+        self.max_step_tokens = max_step_tokens
         self.on_done = on_done
+        self.constraint_for = constraint_for
         self.device = model.device
         self.dtype = model.dtype
-        self.running: list[_Running] = []
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.waiting: list[Job] = []  # admitted, not started (placed or not yet)
+        self.prefilling: list[_Active] = []  # started, prompt not complete
+        self.running: list[_Active] = []  # rows of the decode batch, in `kv` order
         self.kv = BatchCache()
         self._blend: BlendBatch | None = None
         self._blend_stale = True
 
-    def run(self, jobs: queue.Queue[Job | None]) -> None:
+    # --- the loop -------------------------------------------------------------------------
+    def run(self, jobs: queue.Queue) -> None:
+        """Step until the `None` sentinel; `WAKE` markers only wake the loop."""
+        while self._take(jobs):
+            self.step()
+        self.fail_everything(RequestCancelledError("the engine shut down"), "cancelled")
+
+    @property
+    def active(self) -> int:
+        """Requests started and not finished (prefilling or decoding)."""
+        return len(self.prefilling) + len(self.running)
+
+    def _actionable(self) -> bool:
+        """Whether a step would do anything (otherwise the loop blocks on the queue)."""
+        return bool(self.prefilling or self.running) or any(
+            j.placed or j.placement_error is not None or j.stream.cancelled
+            for j in self.waiting
+        )
+
+    def _take(self, jobs: queue.Queue) -> bool:
+        """Move new jobs to `waiting`; block only when there is nothing to do. False when the
+        shutdown sentinel arrives."""
         while True:
-            wanted = self.max_batch_size - len(self.running)
-            # Block only when idle; otherwise take what is waiting and keep decoding.
-            while wanted > 0:
-                try:
-                    job = jobs.get() if not self.running else jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    self._abort_all()
-                    return
-                self._guarded(job, self._join)
-                wanted = self.max_batch_size - len(self.running)
-            if self.running:
-                try:
-                    self._step()
-                except Exception:  # a failed forward fails the batch, not the worker
-                    log.exception("decode step failed; failing %d requests", len(self.running))
-                    for running in self.running:
-                        self._finish(running.job, running.sequence, "", (), "error")
-                    self.running, self.kv, self._blend_stale = [], BatchCache(), True
+            try:
+                if self._actionable():
+                    job = jobs.get_nowait()
+                elif self.waiting:  # only unplaced jobs: wait for a placement or a cancel
+                    job = jobs.get(timeout=_IDLE_POLL_S)
+                else:
+                    job = jobs.get()
+            except queue.Empty:
+                return True
+            if job is None:
+                return False
+            if job is not WAKE:
+                self.waiting.append(job)
 
-    # --- one request joins ----------------------------------------------------------------
-    def _join(self, job: Job) -> None:
-        metrics.QUEUE_DEPTH.dec()
-        metrics.RUNNING_REQUESTS.inc()
-        if job.stream.cancelled:
-            sequence = self._sequence(job)
-            self._finish(job, sequence, "", (), "cancelled")
-            return
-        sequence = self._sequence(job)
-        row_cache = DynamicCache()
-        blend = BlendBatch.from_rows([job.rows], self.device, self.dtype)
-        logits = self._forward(sequence.all_ids, None, None, row_cache, blend)
-        token = sequence.sampler(sequence.all_ids, logits)
-        now = time.perf_counter()
-        metrics.TIME_TO_FIRST_TOKEN.observe(now - job.admitted_at)
-        delta, finish = sequence.accept(token)
-        if finish is not None:
-            self._finish(job, sequence, delta, (token,), finish, first_token_at=now)
-            return
-        if delta:
-            job.stream.put(TokenEvent(delta, (token,)))
-        self.kv.append(row_cache, len(job.prompt_ids))
-        self.running.append(_Running(job, sequence, now))
-        self._blend_stale = True
-
-    def _sequence(self, job: Job) -> Sequence:
-        return Sequence(job.request, job.prompt_ids, self.tokenizer, self.eos_ids, self.device)
-
-    # --- one decode step for the whole batch ------------------------------------------------
-    def _step(self) -> None:
+    def step(self) -> None:
+        """One engine step: drop cancelled rows, decode the batch, prefill within the budget."""
         self._drop_cancelled()
-        if not self.running:
-            return
+        if self.running:
+            self._decode()
+        if self.waiting or self.prefilling:
+            self._prefill()
+        metrics.RUNNING_REQUESTS.set(self.active)
+
+    # --- decode ---------------------------------------------------------------------------
+    def _decode(self) -> None:
         if self._blend_stale:
             self._blend = BlendBatch.from_rows(
                 [r.job.rows for r in self.running], self.device, self.dtype
@@ -139,32 +189,171 @@ class Scheduler:
         positions = torch.tensor(
             [[r.sequence.length - 1] for r in self.running], device=self.device
         )
-        mask = self.kv.step_mask()
-        logits = self._forward(last, mask, positions, self.kv.cache, self._blend)
+        try:
+            logits = self._forward(last, self.kv.step_mask(), positions, self.kv.cache,
+                                   self._blend)
+        except Exception as exc:
+            log.exception("decode step failed; failing its %d rows", len(self.running))
+            failed, self.running, self.kv = self.running, [], BatchCache()
+            self._blend_stale = True
+            for active in failed:
+                self._finish(active, "error", error=_failed("the decode step", exc))
+            return
         metrics.BATCH_SIZE.observe(len(self.running))
-        keep = []
-        for b, running in enumerate(self.running):
-            sequence = running.sequence
-            token = sequence.sampler(sequence.all_ids, logits[b : b + 1])
-            delta, finish = sequence.accept(token)
-            if finish is None:
-                if delta:
-                    running.job.stream.put(TokenEvent(delta, (token,)))
+        greedy = _batch_argmax(self.running, logits)
+        keep, leaving = [], []
+        for b, active in enumerate(self.running):
+            outcome = self._advance(active, logits[b : b + 1], None if greedy is None
+                                    else greedy[b])
+            if outcome is None:
                 keep.append(b)
             else:
-                self._finish(running.job, sequence, delta, (token,), finish,
-                             first_token_at=running.first_token_at)
+                leaving.append((active, outcome))
         self._keep(keep)
+        for active, (reason, text, tokens, logprobs, error) in leaving:
+            self._finish(active, reason, text, tokens, logprobs, error)
+
+    # --- prefill --------------------------------------------------------------------------
+    def _prefill(self) -> None:
+        chosen = self._plan_prefill()
+        if not chosen:
+            return
+        rows = [active for active, _ in chosen]
+        try:
+            logits, caches = self._prefill_forward(chosen)
+        except Exception as exc:
+            log.exception("prefill failed; failing its %d rows", len(rows))
+            self.prefilling = [a for a in self.prefilling if a not in rows]
+            for active in rows:
+                self._finish(active, "error", error=_failed("the prefill", exc))
+            return
+        joining: list[_Active] = []
+        leaving = []
+        for b, (active, take) in enumerate(chosen):
+            active.cache = caches[b]
+            active.sequence.prefilled += take
+            if active.sequence.prompt_left > 0:
+                continue
+            self.prefilling.remove(active)
+            now = time.perf_counter()
+            active.first_token_at = now
+            metrics.TIME_TO_FIRST_TOKEN.observe(now - active.job.admitted_at)
+            outcome = self._advance(active, logits[b : b + 1], None)
+            if outcome is None:
+                joining.append(active)
+            else:
+                leaving.append((active, outcome))
+        if joining:
+            self.kv.add([a.cache for a in joining])  # type: ignore[misc]
+            for active in joining:
+                active.cache = None
+            self.running.extend(joining)
+            self._blend_stale = True
+        for active, (reason, text, tokens, logprobs, error) in leaving:
+            self._finish(active, reason, text, tokens, logprobs, error)
+
+    def _plan_prefill(self) -> list[tuple[_Active, int]]:
+        """(row, prompt tokens to prefill now): partial prompts first, then waiting jobs,
+        within the step's token budget and the batch size."""
+        budget = max(self.max_step_tokens - len(self.running), _MIN_PREFILL_TOKENS)
+        room = self.max_batch_size - len(self.running) - len(self.prefilling)
+        for job in list(self.waiting):
+            if job.stream.cancelled:
+                self.waiting.remove(job)
+                self._finish_job(job, None, "cancelled",
+                                 error=RequestCancelledError("the request was cancelled"))
+                continue
+            if job.placement_error is not None:
+                self.waiting.remove(job)
+                self._finish_job(job, None, "error", error=job.placement_error)
+                continue
+            if not job.placed or room <= 0:
+                continue
+            self.waiting.remove(job)
+            try:
+                constraint = self.constraint_for(job.request) if self.constraint_for else None
+                sequence = Sequence(job.request, job.prompt_ids, self.tokenizer, self.eos_ids,
+                                    self.device, constraint)
+            except Exception as exc:
+                log.exception("request %s could not start", job.request.request_id)
+                self._finish_job(job, None, "error", error=_failed("starting it", exc))
+                continue
+            job.started = True
+            self.prefilling.append(_Active(job, sequence))
+            metrics.QUEUE_DEPTH.dec()
+            room -= 1
+        chosen = []
+        for active in self.prefilling:
+            if budget <= 0:
+                break
+            take = min(active.sequence.prompt_left, budget)
+            chosen.append((active, take))
+            budget -= take
+        return chosen
+
+    def _prefill_forward(
+        self, chosen: list[tuple[_Active, int]]
+    ) -> tuple[torch.Tensor, list[RowCache]]:
+        """One forward over the chosen prompt chunks, left-padded: each row's cached part,
+        then its chunk, so that every row's last token is in the last column."""
+        cache, past = stack_rows([a.cache for a, _ in chosen], self.device)
+        width = max(take for _, take in chosen)
+        ids = torch.full((len(chosen), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros(len(chosen), width, dtype=torch.long)
+        positions = torch.zeros(len(chosen), width, dtype=torch.long)
+        for b, (active, take) in enumerate(chosen):
+            start = active.sequence.prefilled
+            ids[b, width - take:] = torch.tensor(active.sequence.prompt_ids[start:start + take])
+            mask[b, width - take:] = 1
+            positions[b, width - take:] = torch.arange(start, start + take)
+        mask = torch.cat([past, mask.to(self.device)], dim=1)
+        blend = BlendBatch.from_rows([a.job.rows for a, _ in chosen], self.device, self.dtype)
+        logits = self._forward(ids.to(self.device), mask, positions.to(self.device), cache, blend)
+        metrics.PREFILL_TOKENS_PER_STEP.observe(sum(take for _, take in chosen))
+        return logits, split_rows(cache, mask)
+
+    # --- one row's token ------------------------------------------------------------------
+    def _advance(
+        self, active: _Active, logits: torch.Tensor, greedy: int | None
+    ) -> tuple[FinishReason, str, tuple[int, ...], tuple[TokenLogprob, ...],
+               EngineError | None] | None:
+        """Sample, record and stream one token. Returns how the row finishes, or None if it
+        goes on. A failure here (NaN logits, a detokenizer or stop-check error) fails this
+        row alone."""
+        sequence = active.sequence
+        try:
+            if greedy is not None:
+                token, logprob = greedy, None
+            else:
+                if not torch.isfinite(logits).any():
+                    raise GenerationError("the model produced no finite logits")
+                token, logprob = sequence.choose(logits)
+            delta, finish = sequence.accept(token)
+        except Exception as exc:
+            log.exception("request %s failed while sampling", active.job.request.request_id)
+            error = exc if isinstance(exc, EngineError) else _failed("sampling", exc)
+            return "error", "", (), (), error
+        logprobs = () if logprob is None else (logprob,)
+        if finish is not None:
+            return finish, delta, (token,), logprobs, None
+        if delta or logprobs:
+            active.job.stream.put(TokenEvent(delta, (token,), logprobs=logprobs))
+        return None
 
     def _drop_cancelled(self) -> None:
-        keep = []
-        for b, running in enumerate(self.running):
-            if running.job.stream.cancelled:
-                self._finish(running.job, running.sequence, "", (), "cancelled",
-                             first_token_at=running.first_token_at)
-            else:
-                keep.append(b)
-        self._keep(keep)
+        keep, gone = [], []
+        for b, active in enumerate(self.running):
+            (gone if active.job.stream.cancelled else keep).append(b)
+        if gone:
+            leaving = [self.running[b] for b in gone]
+            self._keep(keep)
+            for active in leaving:
+                self._finish(active, "cancelled")
+        cancelled = [a for a in self.prefilling if a.job.stream.cancelled]
+        if cancelled:
+            self.prefilling = [a for a in self.prefilling if not a.job.stream.cancelled]
+            for active in cancelled:
+                self._finish(active, "cancelled")
 
     def _keep(self, rows: list[int]) -> None:
         if len(rows) == len(self.running):
@@ -177,9 +366,9 @@ class Scheduler:
     def _forward(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor | None,
-        cache: DynamicCache,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Cache | None,
         blend: BlendBatch | None,
     ) -> torch.Tensor:
         with self.model_lock:
@@ -187,7 +376,7 @@ class Scheduler:
             try:
                 out = self.model(
                     input_ids=input_ids, attention_mask=attention_mask,
-                    position_ids=position_ids, past_key_values=cache, use_cache=True,
+                    position_ids=position_ids, cache=cache, use_cache=True,
                     # Only the last position is sampled: skip the LM head on the other prompt
                     # tokens (a fifth of a prefill's FLOPs for this vocabulary).
                     logits_to_keep=1,
@@ -199,38 +388,77 @@ class Scheduler:
     # --- leaving --------------------------------------------------------------------------
     def _finish(
         self,
-        job: Job,
-        sequence: Sequence,
-        text: str,
-        token_ids: tuple[int, ...],
+        active: _Active,
         reason: FinishReason,
-        first_token_at: float | None = None,
+        text: str = "",
+        token_ids: tuple[int, ...] = (),
+        logprobs: tuple[TokenLogprob, ...] = (),
+        error: EngineError | None = None,
     ) -> None:
-        completion = sequence.completion_tokens
+        """Finish a started row; the caller has already removed it from every collection."""
+        if reason == "cancelled" and error is None:
+            error = RequestCancelledError("the request was cancelled before it finished")
+        self._finish_job(active.job, active, reason, text, token_ids, logprobs, error)
+
+    def _finish_job(
+        self,
+        job: Job,
+        active: _Active | None,
+        reason: FinishReason,
+        text: str = "",
+        token_ids: tuple[int, ...] = (),
+        logprobs: tuple[TokenLogprob, ...] = (),
+        error: EngineError | None = None,
+    ) -> None:
+        """The one place a job ends: metrics, release (slots, in-flight), then the final
+        event. A second call for the same job is a bug: logged and ignored."""
+        if job.finished:
+            log.error("request %s finished twice (%s); ignoring the second", job.request
+                      .request_id, reason)
+            return
+        job.finished = True
+        if active is None:
+            metrics.QUEUE_DEPTH.dec()  # it never left the queue
+        completion = active.sequence.completion_tokens if active is not None else 0
         done = time.perf_counter()
-        metrics.PROMPT_TOKENS.inc(len(job.prompt_ids))
+        metrics.PROMPT_TOKENS.inc(len(job.prompt_ids) if active is not None else 0)
         metrics.GENERATION_TOKENS.inc(completion)
         metrics.E2E_LATENCY.observe(done - job.admitted_at)
-        if first_token_at is not None and completion > 1:
-            metrics.TIME_PER_OUTPUT_TOKEN.observe((done - first_token_at) / (completion - 1))
+        first = active.first_token_at if active is not None else None
+        if first is not None and completion > 1:
+            metrics.TIME_PER_OUTPUT_TOKEN.observe((done - first) / (completion - 1))
         metrics.FINISHED.labels(reason=reason).inc()
-        metrics.RUNNING_REQUESTS.dec()
-        self.on_done(job)  # before the last event: whoever sees it sees the slots released
-        job.stream.put(TokenEvent(
-            text, token_ids, finish_reason=reason,
-            prompt_tokens=len(job.prompt_ids), completion_tokens=completion,
-        ))
-
-    def _guarded(self, job: Job, action: Callable[[Job], None]) -> None:
-        """One bad request must not take the worker, or the batch, down with it."""
         try:
-            action(job)
-        except Exception:
-            log.exception("request %s failed", job.request.request_id)
-            self._finish(job, self._sequence(job), "", (), "error")
+            self.on_done(job)  # before the last event: whoever sees it sees the slots released
+        finally:
+            job.stream.put(TokenEvent(
+                text, token_ids, finish_reason=reason, prompt_tokens=len(job.prompt_ids),
+                completion_tokens=completion, logprobs=logprobs, error=error,
+            ))
 
-    def _abort_all(self) -> None:
-        for running in self.running:
-            self._finish(running.job, running.sequence, "", (), "cancelled")
-        self.running = []
-        self.kv = BatchCache()
+    def fail_everything(self, error: EngineError, reason: FinishReason = "error") -> None:
+        """Finish every job the scheduler holds, once each (shutdown, or a dead engine)."""
+        waiting, prefilling, running = list(self.waiting), self.prefilling, self.running
+        self.waiting, self.prefilling, self.running = [], [], []
+        self.kv, self._blend_stale = BatchCache(), True
+        for job in waiting:
+            self._finish_job(job, None, reason, error=error)
+        for active in prefilling + running:
+            self._finish(active, reason, error=error)
+        metrics.RUNNING_REQUESTS.set(0)
+
+
+def _batch_argmax(running: list[_Active], logits: torch.Tensor) -> list[int] | None:
+    """Every row's token at once when every row is plain greedy (one op for the batch)."""
+    if not all(a.sequence.sampler.plain_greedy for a in running):
+        return None
+    if not bool(torch.isfinite(logits).any(dim=-1).all()):
+        return None  # let the rows with bad logits fail one by one
+    return logits.argmax(dim=-1).tolist()
+
+
+def _failed(where: str, exc: BaseException) -> GenerationError:
+    """The client's view of an internal failure: where and what kind, never the details
+    (they may hold paths or tensors; the log has them)."""
+    return GenerationError(f"generation failed in {where} ({type(exc).__name__}); "
+                           "see the server log")

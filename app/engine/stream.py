@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -11,11 +12,15 @@ from app.engine.types import Admission, TokenEvent
 
 
 class GenerationStream:
-    """Receives a request's `TokenEvent`s from the engine's worker thread.
+    """Receives a request's `TokenEvent`s from the engine's threads.
 
     Iterate it synchronously, or asynchronously when it was created with the caller's event
     loop (events then cross threads through `call_soon_threadsafe`, never blocking the loop).
-    The last event has `finish_reason` set.
+    The last event has `finish_reason` set; it is also kept in `final`.
+
+    A request is *settled* once its adapters are placed on the device (it will start) or it
+    has finished without starting (an error): `settled()` lets an HTTP route wait for that
+    before it commits to a status code.
     """
 
     def __init__(self, admission: Admission, loop: asyncio.AbstractEventLoop | None) -> None:
@@ -24,6 +29,9 @@ class GenerationStream:
         self._sync: queue.Queue[TokenEvent] = queue.Queue()
         self._async: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self._cancelled = threading.Event()
+        self._settled = threading.Event()
+        self._settled_async = asyncio.Event()
+        self.final: TokenEvent | None = None
 
     @property
     def request_id(self) -> str:
@@ -37,15 +45,34 @@ class GenerationStream:
         """Ask the engine to stop this request at its next step (the client went away)."""
         self._cancelled.set()
 
+    def mark_placed(self) -> None:
+        """Called by the engine once the request's adapters are resident."""
+        self._settle()
+
     def put(self, event: TokenEvent) -> None:
-        """Called by the worker thread."""
+        """Called by the engine's threads."""
+        if event.finish_reason is not None:
+            self.final = event
         if self._loop is None:
             self._sync.put(event)
-            return
-        try:
-            self._loop.call_soon_threadsafe(self._async.put_nowait, event)
-        except RuntimeError:  # the caller's loop is closed: nobody will read this
-            self._cancelled.set()
+        else:
+            try:
+                self._loop.call_soon_threadsafe(self._async.put_nowait, event)
+            except RuntimeError:  # the caller's loop is closed: nobody will read this
+                self._cancelled.set()
+        if event.finish_reason is not None:
+            self._settle()
+
+    def _settle(self) -> None:
+        self._settled.set()
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the caller's loop is closed
+                self._loop.call_soon_threadsafe(self._settled_async.set)
+
+    async def settled(self) -> TokenEvent | None:
+        """Wait until the request is placed or finished; the final event if it finished."""
+        await self._settled_async.wait()
+        return self.final
 
     def __iter__(self) -> Iterator[TokenEvent]:
         while True:
