@@ -225,6 +225,10 @@ class Engine:
         metrics.ROUTING_LATENCY.observe(decision.latency_s)
         return decision
 
+    def token_strings(self, token_ids: Sequence[int]) -> list[str]:
+        """Each token's own text (for logprobs): byte-level pieces decoded one by one."""
+        return [self.tokenizer.decode([t]) for t in token_ids]
+
     def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
         """The router's embeddings of `texts` and the tokens it read."""
         embedder = self.router.embedder

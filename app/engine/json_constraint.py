@@ -34,7 +34,7 @@ class _State:
     first: bool = False  # in an array or object with no element yet (a closer is allowed)
 
 
-def _feed(state: _State, ch: str) -> _State | None:  # noqa: C901 (one automaton, one place)
+def _feed(state: _State, ch: str) -> _State | None:
     mode = state.mode
     if mode == "string":
         return _in_string(state, ch)
