@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from adapters.zoo.tasks import TASKS, make_splits
-from adapters.zoo.train import DEMO_DIR, N_EVAL, N_EXEMPLARS, TrainConfig
+from adapters.zoo.train import DEMO_DIR, N_EVAL, N_EXEMPLARS, task_config
 
 ROOT = Path(__file__).resolve().parent.parent
 OOD_SETS = {
@@ -47,7 +47,7 @@ def _normalise(text: str) -> str:
 @cache
 def _task_prompts(task: str) -> frozenset[str]:
     """Every prompt a task trains on, routes by or is scored on, as training draws them."""
-    splits = make_splits(task, TrainConfig().n_train, N_EXEMPLARS, N_EVAL, allow_fewer=True)
+    splits = make_splits(task, task_config(task).n_train, N_EXEMPLARS, N_EVAL, allow_fewer=True)
     prompts = {e.prompt for e in (*splits.train, *splits.exemplars, *splits.eval)}
     folder = DEMO_DIR / task
     prompts |= {r["text"] for r in _lines(folder / "exemplars.jsonl")}
