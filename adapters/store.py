@@ -29,12 +29,16 @@ class AdapterStore:
         root: the store directory (one sub-directory per adapter).
         base_shapes: `{module name: (out, in)}` of the base model's targetable layers.
         dtype: what tensors are cast to when loaded.
+        on_refuse: called with an adapter id when loading finds its values bad (whoever
+            routes to it must stop).
     """
 
     def __init__(
-        self, root: Path, base_shapes: Mapping[str, tuple[int, int]], dtype: torch.dtype
+        self, root: Path, base_shapes: Mapping[str, tuple[int, int]], dtype: torch.dtype,
+        on_refuse: Callable[[str], None] | None = None,
     ) -> None:
         self.root = Path(root)
+        self._on_refuse = on_refuse or (lambda _id: None)
         self.base_shapes = base_shapes
         self.dtype = dtype
         self._specs: dict[str, AdapterSpec] = {}
@@ -93,6 +97,8 @@ class AdapterStore:
         with self._lock:
             self._specs = {k: v for k, v in self._specs.items() if k != adapter_id}
             self.refused[adapter_id] = reason
+        log.warning("adapter %r refused: %s", adapter_id, reason)
+        self._on_refuse(adapter_id)
 
     # --- tensors --------------------------------------------------------------------------
     def load(self, adapter_id: str) -> LoraAdapter:

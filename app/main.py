@@ -61,7 +61,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     engine: Engine = app.state.engine
-    loading = None if engine.ready else asyncio.create_task(_load(app, engine))
+    # Load only an engine that never loaded: a dead one stays dead (and says so).
+    loading = asyncio.create_task(_load(app, engine)) if engine.health() == "loading" else None
     yield
     if loading is not None and not loading.done():
         log.warning("shutting down before the engine finished loading")

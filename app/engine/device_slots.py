@@ -17,6 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
+from adapters.errors import IncompatibleAdapterError
 from adapters.registry import LoraAdapter
 from adapters.virtual import VirtualAdapter
 from app.engine.blended_lora import BlendedLoRALinear
@@ -93,7 +96,18 @@ class DeviceSlots:
         raise RuntimeError(f"every {pool} slot is in use")
 
     def write(self, slot: int, adapter: LoraAdapter | VirtualAdapter) -> None:
-        """Put `adapter`'s factors into a claimed slot (under the model lock)."""
+        """Put `adapter`'s factors into a claimed slot (under the model lock).
+
+        Raises:
+            IncompatibleAdapterError: a factor holds NaN or inf. A batch multiplies every
+                slot it uses by every row's weight, zeros included, and 0 * NaN is NaN: one
+                such slot would poison every row it shares a forward pass with.
+        """
+        for name, module in adapter.modules.items():
+            for factor in (module.A, module.B):
+                if factor is not None and not bool(torch.isfinite(factor).all()):
+                    raise IncompatibleAdapterError(
+                        f"adapter {adapter.id!r}: {name} holds NaN or inf")
         for layer in self.layers.values():
             layer.clear_slot(slot)
         if isinstance(adapter, VirtualAdapter):

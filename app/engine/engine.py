@@ -81,7 +81,8 @@ class Engine:
                                         s.max_adapters + s.max_virtual_adapters)
         self.layers = layers
         self.slots = DeviceSlots(layers, s.max_adapters, s.max_virtual_adapters)
-        self.store = AdapterStore(s.adapter_store, self.slots.base_shapes(), self.dtype)
+        self.store = AdapterStore(s.adapter_store, self.slots.base_shapes(), self.dtype,
+                                  on_refuse=self._forget)
         self.store.scan(s.adapters, show_progress=show_progress)
         self.host = HostCache(
             s.host_adapter_bytes, self.store.load, pin_memory=self.device.type == "cuda",
@@ -359,6 +360,10 @@ class Engine:
     def unregister_adapter(self, adapter_id: str) -> None:
         """Stop routing to `adapter_id` now; free its slot once no running request uses it."""
         self.store.remove(adapter_id)
+        self._forget(adapter_id)
+
+    def _forget(self, adapter_id: str) -> None:
+        """An adapter is no longer served (removed, or refused once its tensors were read)."""
         self.router.remove_task(adapter_id)
         self.host.drop(adapter_id)
         self.merging.forget(adapter_id)
