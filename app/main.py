@@ -24,11 +24,21 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app import metrics
 from app.api import ROUTERS
-from app.api.errors import RequestTooLargeError, error_response, install_error_handlers
+from app.api.errors import (
+    RequestTooLargeError,
+    error_response,
+    hide_paths,
+    install_error_handlers,
+)
+from app.api.openapi import install_openapi
 from app.engine.engine import Engine
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+_DESCRIPTION = (
+    "OpenAI-compatible inference with per-request dynamic LoRA merging. Errors are "
+    '`{"error": {"message", "type", "param", "code"}}`; 429 and 503 carry `Retry-After`.'
+)
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
@@ -43,15 +53,20 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     settings = settings or Settings()
     owned = engine is None
     engine = engine or Engine(settings)
-    app = FastAPI(title="dynamerge", version="0.1.0", lifespan=_lifespan)
+    # The document and its viewer need the API key like every /v1 route (see api/docs.py).
+    app = FastAPI(title="dynamerge", version="0.1.0", lifespan=_lifespan, openapi_url=None,
+                  docs_url=None, redoc_url=None, description=_DESCRIPTION)
     app.state.settings = settings
     app.state.engine = engine
     app.state.owns_engine = owned
     app.state.load_error = None
     app.state.on_fatal = None  # set by serve(): stop the server if loading fails
     install_error_handlers(app)
+    hide_paths(settings.adapter_store, settings.base_model, settings.cache_dir,
+               settings.embedder_path, settings.calibration_file)
     for router in ROUTERS:
         app.include_router(router)
+    install_openapi(app, settings, lambda: engine.embedding_dim if engine.ready else None)
     # Added last = outermost: the metric sees every response, 413s included.
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware)

@@ -14,6 +14,7 @@ from adapters.blend import AUTO_MODEL, BASE_MODEL
 from adapters.errors import AdapterNotFoundError
 from app.api.deps import adapter_ids, ready_engine, require_admin_key
 from app.api.errors import AdapterConflictError, InvalidParameterError
+from app.api.openapi import responses
 from app.protocol import (
     AdapterRequest,
     AdapterResponse,
@@ -26,7 +27,7 @@ router = APIRouter(prefix="/v1/adapters", tags=["admin"],
                    dependencies=[Depends(require_admin_key)])
 
 
-@router.get("")
+@router.get("", responses=responses(401, 403, 503))
 async def list_adapters(request: Request) -> AdapterTierList:
     """Every adapter of the store with the tier it is in now (device, host or disk), and the
     adapters the store refused at validation, with why."""
@@ -39,7 +40,8 @@ async def list_adapters(request: Request) -> AdapterTierList:
     )
 
 
-@router.post("", status_code=201)
+@router.post("", status_code=201,
+             responses=responses(400, 401, 403, 404, 409, 413, 422, 503))
 async def register_adapter(body: AdapterRequest, request: Request) -> AdapterResponse:
     """Load `<adapter_store>/<id>` and index its exemplars; requests in flight are unaffected."""
     engine = ready_engine(request)
@@ -51,7 +53,7 @@ async def register_adapter(body: AdapterRequest, request: Request) -> AdapterRes
     return AdapterResponse(id=body.id, status="registered", adapters=adapter_ids(engine))
 
 
-@router.delete("/{adapter_id}")
+@router.delete("/{adapter_id}", responses=responses(401, 403, 404, 503))
 async def unregister_adapter(adapter_id: str, request: Request) -> AdapterResponse:
     """Stop routing to the adapter now; its slot is freed once no running request uses it."""
     engine = ready_engine(request)

@@ -7,9 +7,10 @@ Nothing here computes a route or a blend: it only turns protocol fields into the
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 
 from fastapi import Request
-from pydantic import SecretStr
+from pydantic import BaseModel, SecretStr
 
 from adapters.blend import AUTO_MODEL, BASE_MODEL
 from app.api.errors import (
@@ -21,6 +22,7 @@ from app.api.errors import (
 from app.engine.protocol import EngineClient
 from app.engine.types import EngineDeadError, EngineNotReadyError, MergeSpec, SamplingParams
 from app.protocol import (
+    ChatCompletionRequest,
     ChatMessage,
     MergeParams,
     RoutingParams,
@@ -112,32 +114,99 @@ def sampling_params(settings: Settings, body: SamplingFields) -> SamplingParams:
         top_p=1.0 if body.top_p is None else body.top_p,
         seed=body.seed,
         stop=tuple(s for s in stops if s),
+        ignore_eos=body.ignore_eos,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        logit_bias=tuple(sorted((int(t), float(b)) for t, b in (body.logit_bias or {}).items())),
+        logprobs=body.logprob_count(),
+        json_object=body.json_object,
     )
 
 
+def check_n(settings: Settings, n: int) -> None:
+    if not 1 <= n <= settings.max_n:
+        raise InvalidParameterError(f"n must be in [1, {settings.max_n}], got {n}", param="n")
+
+
 def routing_options(
-    engine: EngineClient, model: str, params: RoutingParams | None
+    settings: Settings, engine: EngineClient, model: str, params: RoutingParams | None
 ) -> RoutingOptions | None:
     """The request's routing overrides (only meaningful for model "auto")."""
     if params is None or model != "auto":
         return None
+    if params.top_k is not None and params.top_k > settings.max_adapters:
+        raise InvalidParameterError(
+            f"routing.top_k must be in [1, {settings.max_adapters}] (the device's adapter "
+            f"slots), got {params.top_k}", param="routing.top_k")
     return engine.routing_options(**params.model_dump(exclude_none=True))
 
 
 def merge_spec(engine: EngineClient, params: MergeParams | None) -> MergeSpec:
     """The request's `merge` as the engine's MergeSpec, validated by the engine's registry
-    (an unknown method or an out-of-range parameter is a 400 naming it)."""
+    (unset parameters take the registry's defaults)."""
     if params is None:
         return MergeSpec()
-    extra = dict(params.model_extra or {})
-    storage, rank = extra.pop("storage", None), extra.pop("rank", None)
-    return engine.merge_spec(params.method, extra, storage, rank)
+    values = params.model_dump(exclude_none=True, exclude={"method", "storage", "rank"})
+    return engine.merge_spec(params.method, values, params.storage, params.rank)
+
+
+# --- fields we cannot honour --------------------------------------------------------------
+def _absent(value: object) -> bool:
+    return value is None or value == [] or value == {}
+
+
+# field -> (accepted value?, why the others are refused). A field not here is either honoured
+# (declared in app/protocol.py) or unknown to OpenAI's API and ignored.
+UNSUPPORTED: dict[str, tuple[Callable[[object], bool], str]] = {
+    "tools": (_absent, "the model cannot call tools"),
+    "tool_choice": (lambda v: v in (None, "none"), "the model cannot call tools; only 'none'"),
+    "functions": (_absent, "the model cannot call functions"),
+    "function_call": (lambda v: v in (None, "none"), "the model cannot call functions"),
+    "audio": (_absent, "audio output is not supported"),
+    "modalities": (lambda v: v in (None, ["text"]), "only the text modality is supported"),
+    "prediction": (_absent, "predicted outputs are not supported"),
+    "web_search_options": (_absent, "web search is not supported"),
+    "service_tier": (lambda v: v in (None, "auto", "default"), "one tier only: auto/default"),
+    "store": (lambda v: v in (None, False), "completions are not stored"),
+    "metadata": (_absent, "metadata is only kept with stored completions, which this server "
+                 "does not store"),
+    "reasoning_effort": (_absent, "the model has no reasoning mode"),
+    "verbosity": (_absent, "verbosity is not supported"),
+    "suffix": (lambda v: v in (None, ""), "suffix (insertion) is not supported"),
+    # vLLM's sampling extensions, which clients pass through extra_body.
+    "top_k": (_absent, "top-k sampling is not supported (routing.top_k sets the adapters)"),
+    "min_p": (_absent, "min-p sampling is not supported"),
+    "repetition_penalty": (_absent, "use presence_penalty / frequency_penalty"),
+    "guided_json": (_absent, 'use response_format {"type": "json_object"}'),
+    "guided_regex": (_absent, "guided decoding is not supported"),
+    "guided_choice": (_absent, "guided decoding is not supported"),
+    "guided_grammar": (_absent, "guided decoding is not supported"),
+}
+
+
+def refuse_unsupported(body: BaseModel, n: int = 1) -> None:
+    """A 400 naming the first field the request sets that this server cannot honour."""
+    extra = body.model_extra or {}
+    for name, (accepted, why) in UNSUPPORTED.items():
+        if name in extra and not accepted(extra[name]):
+            raise InvalidParameterError(f"{name} is not supported: {why}", param=name)
+    best_of = extra.get("best_of")
+    if best_of not in (None, 1, n):
+        raise InvalidParameterError("best_of is not supported (only 1, or equal to n)",
+                                    param="best_of")
+
+
+def check_logprobs(body: ChatCompletionRequest) -> None:
+    if body.top_logprobs is not None and not body.logprobs:
+        raise InvalidParameterError("top_logprobs needs logprobs: true", param="top_logprobs")
 
 
 def chat_texts(messages: list[ChatMessage]) -> tuple[list[dict[str, str]], str]:
     """Messages as the chat template wants them, and the text the router embeds."""
     if not messages:
         raise InvalidParameterError("messages must not be empty", param="messages")
-    rendered = [{"role": m.role, "content": m.text()} for m in messages]
+    # The chat template knows system, user and assistant; developer is OpenAI's new system.
+    rendered = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in messages]
     users = [m["content"] for m in rendered if m["role"] == "user"]
     return rendered, users[-1] if users else rendered[-1]["content"]

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -28,7 +31,7 @@ from adapters.errors import (
     IncompatibleAdapterError,
     UnsafeAdapterError,
 )
-from adapters.merge import MergeParameterError, UnknownMergeMethodError
+from adapters.merge import MERGE_METHODS, MergeParameterError, UnknownMergeMethodError
 from app.engine.types import (
     AdapterPlacementError,
     ContextLengthExceededError,
@@ -40,6 +43,7 @@ from app.engine.types import (
     InvalidRequestError,
     RequestCancelledError,
 )
+from app.protocol import INVALID_VALUE
 from router_index.router import RoutingOptionError
 
 log = logging.getLogger(__name__)
@@ -91,6 +95,10 @@ class RouteNotFoundError(ApiError):
 
 class MethodNotAllowedError(ApiError):
     """The path exists, not with this method."""
+
+    def __init__(self, message: str, allow: str | None = None) -> None:
+        super().__init__(message)
+        self.allow = allow
 
 
 class LoadFailedError(ApiError):
@@ -153,6 +161,27 @@ def kind_of(exc: BaseException) -> ErrorKind:
     return ERROR_TABLE[Exception]
 
 
+# Directories whose names must never reach a client (the store, the checkpoints, the code):
+# a message that quotes one (an OSError at load, a dead worker's reason) gets them replaced.
+_PRIVATE_ROOTS: set[str] = {
+    str(Path(__file__).resolve().parents[2]), str(Path.home()), sys.prefix, tempfile.gettempdir(),
+}
+
+
+def hide_paths(*paths: Path | str | None) -> None:
+    """Add directories that error messages must not reveal (create_app passes the settings')."""
+    for path in paths:
+        if path is not None:
+            _PRIVATE_ROOTS.update({str(path), str(Path(path).resolve())})
+
+
+def _scrubbed(message: str) -> str:
+    for root in sorted(_PRIVATE_ROOTS, key=len, reverse=True):
+        if len(root) > 1 and root in message:
+            message = message.replace(root, "<server path>")
+    return message
+
+
 def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
     """The status and the envelope of `exc` (also used for errors inside an SSE stream)."""
     kind = kind_of(exc)
@@ -160,7 +189,7 @@ def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
         log.error("unhandled error", exc_info=exc)
         message = "internal server error"
     else:
-        message = str(exc) or type(exc).__name__
+        message = _scrubbed(str(exc) or type(exc).__name__)
     param = getattr(exc, "param", None)
     if param is not None:
         param = kind.param_prefix + param
@@ -173,6 +202,8 @@ def error_headers(exc: BaseException, status: int) -> dict[str, str]:
     """`WWW-Authenticate` on 401; `Retry-After` (whole seconds) on 429 and 503."""
     if status == 401:
         return {"WWW-Authenticate": "Bearer"}
+    if status == 405 and getattr(exc, "allow", None):
+        return {"Allow": exc.allow}  # type: ignore[attr-defined]
     if status in (429, 503):
         return {"Retry-After": str(max(1, math.ceil(getattr(exc, "retry_after_s", 1.0))))}
     return {}
@@ -189,7 +220,8 @@ def _from_http_exception(exc: StarletteHTTPException, request: Request) -> BaseE
         return RouteNotFoundError(f"no endpoint {request.method} {request.url.path}")
     if exc.status_code == 405:
         return MethodNotAllowedError(
-            f"method {request.method} is not allowed on {request.url.path}"
+            f"method {request.method} is not allowed on {request.url.path}",
+            allow=(exc.headers or {}).get("Allow"),
         )
     if exc.status_code == 413:
         return RequestTooLargeError(str(exc.detail))
@@ -198,19 +230,62 @@ def _from_http_exception(exc: StarletteHTTPException, request: Request) -> BaseE
     return exc
 
 
+# Pydantic error types that mean "a value out of range or not allowed": OpenAI answers those
+# with 400. Everything else (missing field, wrong type, unknown field) is a wrong shape: 422.
+_VALUE_ERRORS = frozenset({
+    "greater_than", "greater_than_equal", "less_than", "less_than_equal", "multiple_of",
+    "too_short", "too_long", "string_too_short", "string_too_long", "string_pattern_mismatch",
+    "literal_error", "enum", "union_tag_invalid", "finite_number", INVALID_VALUE,
+})
+_LOCATIONS = frozenset({"body", "path", "query", "header", "cookie"})
+_MAP_FIELDS = frozenset({"logit_bias"})  # errors name the map, not one of its keys
+_TYPE_LABELS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
+
+
+def _is_union_label(part: str) -> bool:
+    """pydantic names the union member that failed in `loc` ("str", "list[str]", "TextPart")."""
+    return part in _TYPE_LABELS or any(c in part for c in "[(-") or part[:1].isupper()
+
+
+def _param(error: dict[str, Any]) -> str | None:
+    """The request field at fault, dotted as the request spells it ("merge.density")."""
+    loc = list(error.get("loc", ()))
+    if loc and loc[0] in _LOCATIONS:
+        loc = loc[1:]
+    parts: list[str] = []
+    for part in loc:
+        if part == "[key]":
+            break
+        if isinstance(part, str) and _is_union_label(part):
+            continue
+        if parts and parts[-1] == "merge" and part in MERGE_METHODS:
+            continue  # the tag of the merge union is the method, already in `method`
+        parts.append(str(part))
+        if len(parts) == 1 and part in _MAP_FIELDS:
+            break
+    if error.get("type") == "union_tag_invalid":
+        parts.append("type" if parts and parts[-1] == "response_format" else "method")
+    return ".".join(parts) or None
+
+
 def _from_validation_error(exc: RequestValidationError) -> ApiError:
     errors = list(exc.errors())
     if any(e.get("type") == "json_invalid" for e in errors):
         detail = errors[0].get("ctx", {}).get("error", "invalid JSON")
         return InvalidJSONError(f"the body is not valid JSON: {detail}")
-    first = errors[0] if errors else {}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
-    messages = "; ".join(
-        f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body') or 'body'}: {e.get('msg')}"
-        for e in errors[:5]
-    )
-    return SchemaError(messages or "invalid request", param=param)
+    # A union reports every member: when the value has one member's type but a bad value,
+    # the other members' type mismatches say nothing about the request.
+    valued = {_param(e) for e in errors if e.get("type") in _VALUE_ERRORS}
+    errors = [e for e in errors if not (
+        str(e.get("type", "")).endswith("_type") and _param(e) in valued
+        and any(isinstance(p, str) and _is_union_label(p) for p in e.get("loc", ())))]
+    shape = [e for e in errors if e.get("type") not in _VALUE_ERRORS]
+    first = (shape or errors or [{}])[0]
+    described = shape or errors
+    messages = "; ".join(f"{_param(e) or 'body'}: {e.get('msg')}" for e in described[:5])
+    if shape or not errors:
+        return SchemaError(messages or "invalid request", param=_param(first))
+    return InvalidParameterError(messages, param=_param(first))
 
 
 async def _handle(request: Request, exc: Exception) -> JSONResponse:

@@ -16,8 +16,16 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from app.api.deps import chat_texts, ready_engine, require_api_key
-from app.api.errors import InvalidParameterError, error_body
+from app.api.deps import (
+    chat_texts,
+    check_logprobs,
+    ready_engine,
+    refuse_unsupported,
+    require_api_key,
+)
+from app.api.errors import error_body
+from app.api.logprobs import chat_logprobs, completion_logprobs
+from app.api.openapi import GENERATION_ERRORS, generation_200, responses
 from app.api.runs import Run, start_run
 from app.engine.types import TokenEvent
 from app.protocol import (
@@ -41,24 +49,28 @@ router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_
 ChunkOf = Callable[[int, TokenEvent, str | None], str]  # (choice, event, finish) -> chunk JSON
 
 
-@router.get("/models")
+@router.get("/models", responses=responses(401, 503))
 async def list_models(request: Request) -> ModelList:
     engine = ready_engine(request)
     return ModelList(data=[ModelCard(id=model) for model in engine.models()])
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", response_model=None,
+             responses={200: generation_200(ChatCompletion), **responses(*GENERATION_ERRORS)})
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     engine = ready_engine(request)
-    _refuse_unsupported(body.logprobs, False)
+    refuse_unsupported(body, body.n)
+    check_logprobs(body)
     messages, route_text = chat_texts(body.messages)
     prompt = await run_in_threadpool(engine.render_chat, messages)  # templating is CPU work
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     run = await start_run(request, engine, body, body.model, [(prompt, route_text)], rid, body.n)
+    with_logprobs = body.logprob_count() is not None
     if body.stream:
         def chunk(i: int, event: TokenEvent, finish: str | None) -> str:
+            logprobs = chat_logprobs(engine, event.logprobs) if with_logprobs else None
             choice = ChatChunkChoice(index=i, delta=Delta(content=event.text),
-                                     finish_reason=finish)
+                                     finish_reason=finish, logprobs=logprobs)
             return ChatCompletionChunk(id=rid, model=body.model, choices=[choice]).model_dump_json(
                 exclude={"routing"})
 
@@ -75,29 +87,38 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     response = ChatCompletion(
         id=rid, model=body.model, usage=run.usage(), routing=run.routing(),
         choices=[ChatChoice(index=i, message=AssistantMessage(content=text),
-                            finish_reason=run.finish_reason(i)) for i, text in enumerate(texts)],
+                            finish_reason=run.finish_reason(i),
+                            logprobs=chat_logprobs(engine, run.logprobs[i]) if with_logprobs
+                            else None)
+                 for i, text in enumerate(texts)],
     )
     return JSONResponse(response.model_dump(), headers=run.headers())
 
 
-@router.post("/completions")
+@router.post("/completions", response_model=None,
+             responses={200: generation_200(Completion), **responses(*GENERATION_ERRORS)})
 async def completions(body: CompletionRequest, request: Request) -> Response:
     engine = ready_engine(request)
-    _refuse_unsupported(body.logprobs, body.echo)
+    refuse_unsupported(body, body.n)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if not prompts or not all(prompts):
-        raise InvalidParameterError("prompt must be a non-empty string or list of strings",
-                                    param="prompt")
     rid = f"cmpl-{uuid.uuid4().hex}"
     run = await start_run(request, engine, body, body.model, [(p, p) for p in prompts], rid,
                           body.n)
+    with_logprobs = body.logprobs is not None
     # One routing per prompt: with several prompts each choice says how it was blended.
     per_choice = len(prompts) > 1
     if body.stream:
+        offsets = [0] * len(run.streams)  # characters each choice has streamed so far
+
         def chunk(i: int, event: TokenEvent, finish: str | None) -> str:
-            choice = CompletionChoice(index=i, text=event.text, finish_reason=finish)
+            logprobs = None
+            if with_logprobs:
+                logprobs = completion_logprobs(engine, event.logprobs, offsets[i])
+                offsets[i] = sum(len(t) for t in logprobs.tokens) + offsets[i]
+            choice = CompletionChoice(index=i, text=event.text, finish_reason=finish,
+                                      logprobs=logprobs)
             return Completion(id=rid, model=body.model, choices=[choice]).model_dump_json(
-                exclude={"usage", "routing"})
+                exclude={"usage": True, "routing": True, "choices": {"__all__": {"routing"}}})
 
         first = Completion(id=rid, model=body.model, choices=[], routing=run.routing())
         usage = Completion(id=rid, model=body.model, choices=[])
@@ -106,20 +127,14 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     texts = await run.collect(request)
     response = Completion(
         id=rid, model=body.model, usage=run.usage(), routing=run.routing(),
-        choices=[CompletionChoice(index=i, text=text, finish_reason=run.finish_reason(i))
-                 for i, text in enumerate(texts)],
-    ).model_dump()
-    if per_choice:
-        for i, choice in enumerate(response["choices"]):
-            choice["routing"] = run.routing(i).model_dump()
-    return JSONResponse(response, headers=run.headers())
-
-
-def _refuse_unsupported(logprobs: object, echo: bool) -> None:
-    if logprobs:
-        raise InvalidParameterError("logprobs are not supported yet", param="logprobs")
-    if echo:
-        raise InvalidParameterError("echo is not supported", param="echo")
+        choices=[CompletionChoice(
+            index=i, text=text, finish_reason=run.finish_reason(i),
+            logprobs=completion_logprobs(engine, run.logprobs[i]) if with_logprobs else None,
+            routing=run.routing(i) if per_choice else None,
+        ) for i, text in enumerate(texts)],
+    )
+    exclude = None if per_choice else {"choices": {"__all__": {"routing"}}}
+    return JSONResponse(response.model_dump(exclude=exclude), headers=run.headers())
 
 
 async def _sse(
@@ -135,7 +150,7 @@ async def _sse(
     try:
         async for i, event in run.events():
             finish = run.finish_reason(i) if event.finish_reason is not None else None
-            if event.text or finish is not None:
+            if event.text or event.logprobs or finish is not None:
                 yield _data(chunk(i, event, finish))
         if options is not None and options.include_usage:
             usage.usage = run.usage()

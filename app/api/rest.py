@@ -16,12 +16,14 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import (
     chat_texts,
+    get_settings,
     note_model,
     ready_engine,
     require_api_key,
     routing_options,
 )
 from app.api.errors import InvalidParameterError
+from app.api.openapi import GENERATION_ERRORS, generation_200, responses
 from app.api.runs import start_run
 from app.protocol import (
     AdapterWeight,
@@ -41,14 +43,14 @@ from app.protocol import (
 router = APIRouter(prefix="/v1", tags=["rest"], dependencies=[Depends(require_api_key)])
 
 
-@router.post("/route")
+@router.post("/route", responses=responses(400, 401, 404, 413, 422, 503))
 async def route(body: RouteRequest, request: Request) -> RouteResponse:
     engine = ready_engine(request)
     note_model(request, engine, "auto")
     if (body.text is None) == (body.messages is None):
         raise InvalidParameterError("give exactly one of `text` and `messages`", param="text")
     text = body.text if body.text is not None else chat_texts(body.messages or [])[1]
-    options = routing_options(engine, "auto", body.routing)
+    options = routing_options(get_settings(request), engine, "auto", body.routing)
     decision = await run_in_threadpool(engine.route, text, options)
     return RouteResponse(
         adapters=[AdapterWeight(id=h.adapter_id, score=h.score, weight=h.weight)
@@ -61,11 +63,10 @@ async def route(body: RouteRequest, request: Request) -> RouteResponse:
     )
 
 
-@router.post("/generate")
+@router.post("/generate", response_model=None,
+             responses={200: generation_200(GenerateResponse), **responses(*GENERATION_ERRORS)})
 async def generate(body: GenerateRequest, request: Request) -> JSONResponse:
     engine = ready_engine(request)
-    if not body.prompt:
-        raise InvalidParameterError("prompt must not be empty", param="prompt")
     prompt = body.prompt
     if body.chat:
         prompt = await run_in_threadpool(engine.render_chat,
@@ -80,7 +81,7 @@ async def generate(body: GenerateRequest, request: Request) -> JSONResponse:
     return JSONResponse(response.model_dump(), headers=run.headers())
 
 
-@router.post("/merge/preview")
+@router.post("/merge/preview", responses=responses(400, 401, 404, 413, 422, 503))
 async def merge_preview(body: MergePreviewRequest, request: Request) -> MergePreviewResponse:
     """Interference statistics of merging some adapters, before anything is served."""
     engine = ready_engine(request)
@@ -89,12 +90,13 @@ async def merge_preview(body: MergePreviewRequest, request: Request) -> MergePre
                                     param="adapters")
     ids = body.adapters
     if ids is None:
-        decision = await run_in_threadpool(
-            engine.route, body.prompt, routing_options(engine, "auto", body.routing))
+        options = routing_options(get_settings(request), engine, "auto", body.routing)
+        decision = await run_in_threadpool(engine.route, body.prompt, options)
         ids = [hit.adapter_id for hit in decision.hits]
-        if not ids:
-            raise InvalidParameterError("the prompt falls back to the base model: nothing "
-                                        "to merge", param="prompt")
+        if not ids:  # the prompt falls back to the base model: nothing is merged
+            return MergePreviewResponse(
+                adapters=[], modules=0, cosine=[], sign_conflict_total=0.0, sign_conflict={},
+                removed_mass={}, parallel_fraction=None, fallback=True)
     stats = await run_in_threadpool(engine.preview_merge, list(ids), body.max_modules)
     return MergePreviewResponse(
         adapters=list(ids),
@@ -108,15 +110,10 @@ async def merge_preview(body: MergePreviewRequest, request: Request) -> MergePre
     )
 
 
-@router.post("/embeddings")
+@router.post("/embeddings", responses=responses(400, 401, 413, 422, 503))
 async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingResponse:
     engine = ready_engine(request)
     texts = [body.input] if isinstance(body.input, str) else body.input
-    if not texts or not all(isinstance(t, str) for t in texts):
-        raise InvalidParameterError(
-            "input must be a string or a non-empty list of strings (token arrays are not "
-            "supported: the embedder has its own tokenizer)", param="input",
-        )
     if body.dimensions is not None and body.dimensions != engine.embedding_dim:
         raise InvalidParameterError(
             f"{engine.embedder_name} has {engine.embedding_dim} dimensions; it cannot return "

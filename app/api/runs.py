@@ -9,6 +9,7 @@ failed before starting), so that a request that cannot be placed still gets its 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
@@ -19,13 +20,13 @@ from starlette.types import Receive
 
 from app.api.deps import (
     check_model,
+    check_n,
     get_settings,
     merge_spec,
     note_model,
     routing_options,
     sampling_params,
 )
-from app.api.errors import InvalidParameterError
 from app.engine.protocol import EngineClient
 from app.engine.stream import GenerationStream
 from app.engine.types import (
@@ -34,10 +35,12 @@ from app.engine.types import (
     RequestCancelledError,
     SamplingParams,
     TokenEvent,
+    TokenLogprob,
 )
 from app.protocol import AdapterWeight, RoutingInfo, SamplingFields, Usage
 
 # The engine's finish reasons that complete a request; the others become table errors.
+log = logging.getLogger(__name__)
 _FINISH_REASONS = {"stop": "stop", "length": "length"}
 ADAPTERS_HEADER = "x-dynamerge-adapters"
 
@@ -63,6 +66,7 @@ class Run:
         self.streams = streams
         self.n = n
         self.finals: list[TokenEvent | None] = [None] * len(streams)
+        self.logprobs: list[list[TokenLogprob]] = [[] for _ in streams]  # filled by collect()
 
     @classmethod
     async def start(
@@ -149,6 +153,7 @@ class Run:
             parts = []
             async for event in stream:
                 parts.append(event.text)
+                self.logprobs[i].extend(event.logprobs)
                 self.finals[i] = event if event.finish_reason is not None else None
             return "".join(parts)
 
@@ -185,11 +190,14 @@ async def start_run(
     settings = get_settings(request)
     note_model(request, engine, model)
     check_model(engine, model)
-    if not 1 <= n <= settings.max_n:
-        raise InvalidParameterError(f"n must be in [1, {settings.max_n}], got {n}", param="n")
+    check_n(settings, n)
     merge = merge_spec(engine, body.merge)
-    routing = routing_options(engine, model, body.routing)
+    routing = routing_options(settings, engine, model, body.routing)
     sampling = sampling_params(settings, body)
+    extra = body.model_extra or {}
+    user = getattr(body, "user", None) or extra.get("safety_identifier")
+    if user is not None:  # an opaque end-user id: kept with the request id for abuse tracing
+        log.debug("request %s from end user %r", rid, user)
     requests = [
         GenerationRequest(
             prompt=prompt, route_text=route_text, model=model, routing=routing, merge=merge,

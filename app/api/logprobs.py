@@ -1,0 +1,58 @@
+"""The engine's per-token log-probabilities as OpenAI's two shapes (chat and legacy completions).
+
+Token texts come from `EngineClient.token_strings`: each token decoded alone, so a token that
+ends inside a UTF-8 character reads as U+FFFD, as in OpenAI's own responses; `bytes` are the
+UTF-8 of that text.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from app.engine.protocol import EngineClient
+from app.engine.types import TokenLogprob
+from app.protocol import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
+
+FLOOR = -9999.0  # what OpenAI reports for a probability that underflows
+
+
+def _finite(logprob: float) -> float:
+    return logprob if math.isfinite(logprob) and logprob > FLOOR else FLOOR
+
+
+def _names(engine: EngineClient, entries: Sequence[TokenLogprob]) -> dict[int, str]:
+    ids = sorted({e.token_id for e in entries} | {t for e in entries for t, _ in e.top})
+    return dict(zip(ids, engine.token_strings(ids), strict=True))
+
+
+def chat_logprobs(engine: EngineClient, entries: Sequence[TokenLogprob]) -> ChatLogprobs:
+    names = _names(engine, entries)
+
+    def one(token_id: int, logprob: float) -> TopLogprob:
+        text = names[token_id]
+        return TopLogprob(token=text, logprob=_finite(logprob), bytes=list(text.encode()))
+
+    return ChatLogprobs(content=[
+        ChatTokenLogprob(**vars(one(e.token_id, e.logprob)),
+                         top_logprobs=[one(t, lp) for t, lp in e.top])
+        for e in entries
+    ])
+
+
+def completion_logprobs(
+    engine: EngineClient, entries: Sequence[TokenLogprob], offset: int = 0
+) -> CompletionLogprobs:
+    """`offset`: where the first token starts in the choice's text (its earlier chunks)."""
+    names = _names(engine, entries)
+    tokens = [names[e.token_id] for e in entries]
+    offsets = []
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    return CompletionLogprobs(
+        tokens=tokens,
+        token_logprobs=[_finite(e.logprob) for e in entries],
+        top_logprobs=[{names[t]: _finite(lp) for t, lp in e.top} for e in entries],
+        text_offset=offsets,
+    )
