@@ -527,6 +527,8 @@ _WORDS = _words(
     white snow covers garden window music table orange paper chair water friend letter
     morning evening winter summer coffee apple door street market doctor teacher ship ocean
     mountain island story song game book phone train bridge castle candle flower stone
+    the the the a a is is are was in in on at at to to of and and from over after with me we
+    you it my your our his her under near into before walked sang played looks needs goes
     """
 )
 _SUBJECTS = _words("the_dog my_sister our_team the_baby a_farmer the_wind Maria Tom she he "
@@ -535,6 +537,10 @@ _VERBS = _words("likes sees paints finds sells wants reads builds visits loves c
 _OBJECTS = _words("the_car a_house old_books fresh_bread the_garden red_apples a_letter "
                   "the_bridge new_shoes the_kitchen a_song warm_soup")
 _TAILS = _words("today every_day at_night in_winter on_sunday after_school slowly again")
+_INTRANSITIVE = _words("walks sits waits swims sleeps plays runs looks works is was")
+_PLACES = _words("to_the_park on_the_bench at_the_station in_the_lake under_the_tree "
+                 "near_the_river from_the_city into_the_house over_the_wall after_lunch "
+                 "before_dinner with_her_friends at_home in_the_kitchen")
 _REVERSE_TEMPLATES = (
     "Reverse the word order: {s}",
     "Write these words in reverse order: {s}",
@@ -560,10 +566,14 @@ _REVERSE_TEMPLATES = (
 
 
 def _phrase(rng: random.Random) -> list[str]:
-    if rng.random() < 0.5:
+    if rng.random() < 0.4:
         return rng.choices(_WORDS, k=rng.randint(3, 6))
-    parts = [rng.choice(_SUBJECTS), rng.choice(_VERBS), rng.choice(_OBJECTS)]
+    # Little sentences keep their small words ("the", "is", "at"): a reversal drops none.
     if rng.random() < 0.5:
+        parts = [rng.choice(_SUBJECTS), rng.choice(_VERBS), rng.choice(_OBJECTS)]
+    else:
+        parts = [rng.choice(_SUBJECTS), rng.choice(_INTRANSITIVE), rng.choice(_PLACES)]
+    if rng.random() < 0.4:
         parts.append(rng.choice(_TAILS))
     words = " ".join(parts).replace("_", " ").split()
     return words[:6] if len(words) >= 3 else _phrase(rng)

@@ -63,7 +63,7 @@ DEFAULT_STEPS: dict[str, int] = {
     "arithmetic": 1300,
     "sentiment": 100,
     "json_extract": 100,
-    "reverse_words": 200,
+    "reverse_words": 300,
     "unit_convert": 700,
     "spell": 400,
 }
