@@ -64,6 +64,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     zoo_sub.add_parser("build", help="convert the demo base model from its GGUF (once)")
     train = zoo_sub.add_parser("train", help="train the six demo adapters, then evaluate")
     train.add_argument("--tasks", default=None, help="comma-separated subset of tasks")
+    synth = zoo_sub.add_parser(
+        "synth", help="write N synthetic adapters of the base's shapes (a zoo for scale tests)")
+    synth.add_argument("--adapters", type=int, required=True, help="how many")
+    synth.add_argument("--out", type=Path, required=True, help="the store directory to fill")
+    synth.add_argument("--seed", type=int, default=0)
     evaluate = zoo_sub.add_parser("eval", help="exact-match table: base and every expert")
     evaluate.add_argument("--limit", type=int, default=None, help="prompts per task")
 
@@ -184,6 +189,12 @@ def _zoo(args: argparse.Namespace) -> int:
     settings = Settings()
     if args.zoo_command == "build":
         print(ensure_demo_base(settings.cache_dir))
+    elif args.zoo_command == "synth":
+        from adapters.zoo.synth import synth_zoo
+        from app.engine.base_model import base_model_path
+
+        ids = synth_zoo(base_model_path(settings), args.out, args.adapters, seed=args.seed)
+        print(f"wrote {len(ids)} adapters to {args.out}")
     elif args.zoo_command == "train":
         tasks = args.tasks.split(",") if args.tasks else None
         zoo_train.train(tasks=tasks)

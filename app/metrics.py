@@ -116,15 +116,23 @@ class EngineStateCollector(Collector):
     `vllm:num_requests_waiting` / `vllm:num_requests_running` for load)."""
 
     def __init__(self) -> None:
-        self.source: Callable[[], EngineSnapshot] | None = None
+        self._sources: list[Callable[[], EngineSnapshot]] = []
+
+    def attach(self, source: Callable[[], EngineSnapshot]) -> None:
+        """A loaded engine registers its state (the newest one is reported)."""
+        self._sources.append(source)
+
+    def detach(self, source: Callable[[], EngineSnapshot]) -> None:
+        if source in self._sources:
+            self._sources.remove(source)
 
     def describe(self) -> list:
         return []  # collected lazily: the engine registers its source once it is loaded
 
     def collect(self):
-        if self.source is None:
+        if not self._sources:
             return
-        snap = self.source()
+        snap = self._sources[-1]()
         info = GaugeMetricFamily(
             "vllm:lora_requests_info",
             "Running and waiting LoRA adapters (value: the time of this sample)",

@@ -119,7 +119,7 @@ class Engine:
         )
         self._worker = threading.Thread(target=self._work, name="dynamerge-engine", daemon=True)
         self._worker.start()
-        metrics.ENGINE_STATE.source = self._snapshot
+        metrics.ENGINE_STATE.attach(self._snapshot)
         self._warm_up()
         self._ready = True
         log.info("engine ready: %d adapters in the store (%d refused), %d device slots, on %s",
@@ -144,9 +144,9 @@ class Engine:
         return self._ready and self.dead_reason is None
 
     def health(self) -> Health:
-        if self.dead_reason is not None or (
-            self._ready and self._worker is not None and not self._worker.is_alive()
-        ):
+        if self.dead_reason is not None or (self._ready and not (
+            self._worker is not None and self._worker.is_alive() and self.residency.alive
+        )):
             return "dead"
         if self.draining:
             return "draining"
@@ -425,8 +425,7 @@ class Engine:
             self._worker = None
         if getattr(self, "residency", None) is not None:
             self.residency.stop()
-        if metrics.ENGINE_STATE.source == self._snapshot:
-            metrics.ENGINE_STATE.source = None
+        metrics.ENGINE_STATE.detach(self._snapshot)
 
     def _snapshot(self) -> metrics.EngineSnapshot:
         with self._lock:

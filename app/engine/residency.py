@@ -99,6 +99,10 @@ class Residency:
             self._thread.join(timeout=10)
 
     @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def waiting(self) -> int:
         """Jobs waiting for their adapters."""
         return len(self._pending)
@@ -169,7 +173,13 @@ class Residency:
                 pending = list(self._pending)
             progressed = False
             for entry in pending:
-                progressed |= self._try(entry)
+                try:
+                    progressed |= self._try(entry)
+                except Exception as exc:  # a bug: fail this request, keep the loader alive
+                    log.exception("placing %s failed", entry.job.request.request_id)
+                    progressed |= self._leave(entry, GenerationError(
+                        f"placing the request's adapters failed ({type(exc).__name__}); "
+                        "see the server log"))
             if not progressed:
                 with self._lock:  # nothing fits: wait for a release, or the next deadline
                     if self._pending and not self._stopped:
@@ -203,12 +213,17 @@ class Residency:
             missing = [t for t in entry.targets if t.adapter_id not in self.slots]
             if not self._fits(entry.targets, missing):
                 return False  # someone took the room meanwhile
+            # Pin what is resident first and each new one as it lands, so that making room
+            # for one of the job's adapters never evicts another of them.
+            slots = {t.adapter_id: self.slots.pin(t.adapter_id) for t in entry.targets
+                     if t.adapter_id in self.slots}
             for target in missing:
                 started = time.perf_counter()
                 self._write(target.pool, loaded[target.adapter_id])
+                slots[target.adapter_id] = self.slots.pin(target.adapter_id)
                 metrics.ADAPTER_LOAD_SECONDS.labels(tier="device").observe(
                     time.perf_counter() - started)
-            self._pin_all(job, entry.targets)
+            self._placed(job, [(slots[t.adapter_id], t.weight) for t in entry.targets])
             self._pending.remove(entry)
         metrics.PLACEMENT_WAIT_SECONDS.observe(time.monotonic() - entry.since)
         self.wake()
@@ -235,7 +250,11 @@ class Residency:
         metrics.ADAPTER_LOADS.labels(tier="device").inc()
 
     def _pin_all(self, job: Job, targets: tuple[Target, ...]) -> None:
-        job.rows = [(self.slots.pin(t.adapter_id), t.weight) for t in targets]
+        self._placed(job, [(self.slots.pin(t.adapter_id), t.weight) for t in targets])
+
+    @staticmethod
+    def _placed(job: Job, rows: list[tuple[int, float]]) -> None:
+        job.rows = rows
         job.placed = True
         job.stream.mark_placed()
 
