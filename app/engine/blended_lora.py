@@ -128,6 +128,11 @@ class BlendedLoRALinear(nn.Module):
             self.A[slot].zero_()
             self.Bt[slot].zero_()
 
+    def reserve(self, rank: int) -> None:
+        """Allocate the stacks for adapters up to `rank` now, so that no later load has to
+        grow them (a growth copies every slot, under the model lock)."""
+        self._ensure_capacity(rank)
+
     def _ensure_capacity(self, rank: int) -> None:
         """Allocate the slot stacks, or grow r_max (zero padding is exact) for a larger rank."""
         weight = self.base.weight

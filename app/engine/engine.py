@@ -84,6 +84,7 @@ class Engine:
         self.store = AdapterStore(s.adapter_store, self.slots.base_shapes(), self.dtype,
                                   on_refuse=self._forget)
         self.store.scan(s.adapters, show_progress=show_progress)
+        self._reserve_slots()
         self.host = HostCache(
             s.host_adapter_bytes, self.store.load, pin_memory=self.device.type == "cuda",
             on_load=lambda _id, seconds: (
@@ -124,6 +125,22 @@ class Engine:
         self._ready = True
         log.info("engine ready: %d adapters in the store (%d refused), %d device slots, on %s",
                  len(self.store), len(self.store.refused), s.max_adapters, self.device)
+
+    def _reserve_slots(self) -> None:
+        """Size every layer's slot stacks for the largest rank that targets it in the store:
+        the memory is needed the moment that adapter is used, and growing the stacks then
+        would stall decoding while every slot is copied."""
+        ranks: dict[str, int] = {}
+        for adapter_id in self.store.ids():
+            for module, (rank, _) in self.store.spec(adapter_id).modules.items():
+                ranks[module] = max(ranks.get(module, 0), rank)
+        for module, rank in ranks.items():
+            self.layers[module].reserve(rank)
+        per_slot = sum(rank * (layer.in_features + layer.out_features)
+                       for module, rank in ranks.items()
+                       for layer in [self.layers[module]]) * self.dtype.itemsize
+        log.info("adapter slots: %d x %.1f MB (largest rank per layer reserved)",
+                 self.slots.num_adapters + self.slots.num_virtual, per_slot / 2**20)
 
     def _eos_ids(self) -> frozenset[int]:
         ids = {self.tokenizer.eos_token_id}
