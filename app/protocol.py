@@ -18,11 +18,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
     StringConstraints,
     Tag,
+    WithJsonSchema,
     field_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -37,27 +39,40 @@ INT64 = 2**63 - 1
 SEED_BOUND = 2**53  # exact in a JSON number (a double), as OpenAPI tools read bounds
 
 
+def _whole(value: object) -> object:
+    """JSON Schema's integers include 3.0: take it as 3 (strict mode would refuse it)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def Whole(**bounds: float) -> Any:
+    """An integer with bounds, given as 3 or 3.0 (the bounds stay visible to the schema)."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_whole)]
+
+# Requests are validated strictly (no "5" for 5, no 0 for false): what the schema says is what
+# is accepted. Unknown fields: allowed on OpenAI's shapes, forbidden on ours.
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 # --- extensions (extra_body) --------------------------------------------------------------
 class RoutingParams(_Strict):
     """Per-request overrides of the router's defaults (see router_index.router.RoutingOptions)."""
 
-    top_k: int | None = Field(default=None, ge=1, le=1024)  # and <= settings.max_adapters
-    temperature: float | None = Field(default=None, gt=0)
+    top_k: Whole(ge=1, le=1024) | None = None  # and <= settings.max_adapters
+    temperature: float | None = Field(default=None, ge=1e-6)  # the router's softmax needs 1/tau
     threshold: float | None = Field(default=None, ge=-1, le=1)
     scoring: Literal["centroid", "knn"] | None = None
     sharpening: Literal["two_stage", "single_stage"] | None = None
     renormalize: bool | None = None
-    knn_m: int | None = Field(default=None, ge=1, le=1024)
+    knn_m: Whole(ge=1, le=1024) | None = None
     adapters: list[str] | None = None
-    explain: int | None = Field(default=None, ge=0, le=100)
+    explain: Whole(ge=0, le=100) | None = None
 
 
 # One model per merge method of adapters.merge.MERGE_METHODS, with that method's parameters
@@ -69,7 +84,7 @@ _Sign = Literal["total", "frequency"]
 
 class _MergeBase(_Strict):
     storage: Literal["svd", "exact"] | None = None
-    rank: int | None = Field(default=None, ge=1, le=4096)
+    rank: Whole(ge=1, le=4096) | None = None
 
 
 class LinearMergeParams(_MergeBase):
@@ -85,7 +100,7 @@ class TiesMergeParams(_MergeBase):
 class DareLinearMergeParams(_MergeBase):
     method: Literal["dare_linear"]
     drop_rate: float | None = Field(default=None, ge=0, lt=1)
-    seed: int | None = Field(default=None, ge=0, le=SEED_BOUND)
+    seed: Whole(ge=0, le=SEED_BOUND) | None = None
 
 
 class DareTiesMergeParams(DareLinearMergeParams):
@@ -105,7 +120,7 @@ class NeuroMergeParams(_MergeBase):
 class TeMergeParams(_MergeBase):
     method: Literal["te"]
     keep_ratio: float | None = Field(default=None, gt=0, le=1)
-    n_bins: int | None = Field(default=None, ge=2, le=256)
+    n_bins: Whole(ge=2, le=256) | None = None
     exclusive_full: bool | None = None
 
 
@@ -151,21 +166,27 @@ class JsonObjectFormat(_Strict):
 
 
 ResponseFormat = Annotated[TextFormat | JsonObjectFormat, Field(discriminator="type")]
-TokenId = Annotated[str, StringConstraints(pattern=r"^(0|[1-9][0-9]{0,9})$")]
+_TOKEN_ID = r"^(0|[1-9][0-9]{0,9})$"
+TokenId = Annotated[str, StringConstraints(pattern=_TOKEN_ID)]
+Bias = Annotated[float, Field(ge=-100, le=100)]
+LogitBias = Annotated[dict[TokenId, Bias], WithJsonSchema({  # pydantic leaves out the last key
+    "type": "object", "additionalProperties": False,
+    "patternProperties": {_TOKEN_ID: {"type": "number", "minimum": -100, "maximum": 100}},
+})]
 
 
 class SamplingFields(_Extensions):
     """Sampling and extension fields shared by chat, completions and /v1/generate."""
 
-    max_tokens: int | None = Field(default=None, ge=1, le=MAX_STATIC_TOKENS)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_STATIC_TOKENS)
+    max_tokens: Whole(ge=1, le=MAX_STATIC_TOKENS) | None = None
+    max_completion_tokens: Whole(ge=1, le=MAX_STATIC_TOKENS) | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = Field(default=None, ge=-SEED_BOUND, le=SEED_BOUND)
+    seed: Whole(ge=-SEED_BOUND, le=SEED_BOUND) | None = None
     stop: str | list[str] | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    logit_bias: dict[TokenId, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+    logit_bias: LogitBias | None = Field(
         default=None, description="token id (a decimal string) -> bias added to its logit")
     ignore_eos: bool = Field(default=False, description="generate max_tokens whatever the "
                              "model says (benchmarks)")
@@ -195,8 +216,8 @@ class StreamOptions(_Lenient):
 
 
 class _OpenAIGeneration(SamplingFields):
-    model: str
-    n: int = Field(default=1, ge=1, le=MAX_STATIC_N)
+    model: str = Field(examples=["auto", "base"])
+    n: Whole(ge=1, le=MAX_STATIC_N) = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(default=None, description="an opaque end-user id, logged")
@@ -297,8 +318,8 @@ class ChatCompletionRequest(_OpenAIGeneration):
 
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20,
-                                     description="needs logprobs: true")
+    top_logprobs: Whole(ge=0, le=20) | None = Field(default=None,
+                                                    description="needs logprobs: true")
 
     def logprob_count(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
@@ -362,8 +383,16 @@ NonEmpty = Annotated[str, StringConstraints(min_length=1)]
 
 class CompletionRequest(_OpenAIGeneration):
     prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1)]
-    echo: Literal[False] = Field(default=False, description="echo is not supported")
-    logprobs: int | None = Field(default=None, ge=0, le=5)
+    echo: bool = Field(default=False, description="echo is not supported",
+                       json_schema_extra={"const": False})
+    logprobs: Whole(ge=0, le=5) | None = None
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, echo: bool) -> bool:
+        if echo:
+            raise PydanticCustomError(INVALID_VALUE, "echo is not supported")
+        return echo
 
     def logprob_count(self) -> int | None:
         return self.logprobs
@@ -411,7 +440,7 @@ class EmbeddingRequest(_Lenient):
     input: str | Annotated[list[str], Field(min_length=1)]
     model: str = "auto"  # any value is accepted: there is one embedder, the router's
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(default=None, ge=1, description="only the embedder's own")
+    dimensions: Whole(ge=1) | None = Field(default=None, description="only the embedder's own")
 
 
 class Embedding(BaseModel):
@@ -466,7 +495,7 @@ class GenerateRequest(SamplingFields):
     model_config = ConfigDict(extra="forbid")
 
     prompt: NonEmpty
-    model: str = "auto"
+    model: str = Field(default="auto", examples=["auto", "base"])
     chat: bool = True  # wrap the prompt as one user message in the chat template
 
 
@@ -523,7 +552,7 @@ class MergePreviewRequest(_Strict):
     adapters: Annotated[list[str], Field(min_length=1)] = None  # type: ignore[assignment]
     prompt: NonEmpty = None  # type: ignore[assignment]
     routing: RoutingParams | None = None
-    max_modules: int = Field(default=24, ge=1, le=100_000)  # evenly spaced modules inspected
+    max_modules: Whole(ge=1, le=100_000) = 24  # evenly spaced modules inspected
 
 
 class MergePreviewResponse(BaseModel):

@@ -23,6 +23,9 @@ class LiveServer:
         self.app = app
         self.start_timeout_s = start_timeout_s
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # uvicorn's own sockets get TCP_NODELAY from asyncio; a socket handed to it does not,
+        # and Nagle with delayed ACKs then adds 40 ms to every request on loopback.
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock.bind(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"

@@ -275,20 +275,26 @@ _API_ONLY = {"method", "storage", "rank"}  # storage and rank: how the merge is 
 
 def test_merge_request_models_match_the_registry() -> None:
     assert set(MERGE_REQUEST_MODELS) == set(MERGE_METHODS)
+    bounds = {"minimum": True, "maximum": True, "exclusiveMinimum": False,
+              "exclusiveMaximum": False}  # keyword -> is the bound itself allowed
+    checked = 0
     for name, model in MERGE_REQUEST_MODELS.items():
         params = {f.name for f in dataclasses.fields(MERGE_METHODS[name].params_type)}
         params.discard("rank")  # twin's own rank: `rank` is the storage rank in the API
         assert set(model.model_fields) - _API_ONLY == params, name
-        for field, info in model.model_fields.items():
+        for field, spec in model.model_json_schema()["properties"].items():
             if field in _API_ONLY:
                 continue
-            for bound in info.metadata:  # each declared bound is the registry's too
-                for attr, inside in (("ge", True), ("le", True), ("gt", False), ("lt", False)):
-                    value = getattr(bound, attr, None)
-                    if value is None or (name, field) == ("te", "n_bins") and attr == "le":
+            for branch in spec.get("anyOf", [spec]):
+                for keyword, inside in bounds.items():
+                    if keyword not in branch or (name, field, keyword) == (
+                            "te", "n_bins", "maximum"):
                         continue  # the API's own cap on histogram bins (memory), not a rule
-                    if inside:
+                    value = branch[keyword]
+                    checked += 1
+                    if inside:  # each bound the schema declares is the registry's too
                         MERGE_METHODS[name].params(**{field: value})
                     else:
                         with pytest.raises(MergeParameterError):
                             MERGE_METHODS[name].params(**{field: value})
+    assert checked >= 8

@@ -96,21 +96,25 @@ def check_model(engine: EngineClient, model: str) -> None:
         )
 
 
+GREEDY_BELOW = 1e-5  # temperatures below this are greedy decoding
+
+
 def sampling_params(settings: Settings, body: SamplingFields) -> SamplingParams:
     """The request's sampling fields as the engine's SamplingParams (errors name the field)."""
-    if body.max_completion_tokens is not None:
-        limit, param = body.max_completion_tokens, "max_completion_tokens"
-    else:
-        limit, param = body.max_tokens, "max_tokens"
-    limit = settings.default_max_tokens if limit is None else limit
-    if not 1 <= limit <= settings.max_tokens_limit:
-        raise InvalidParameterError(
-            f"{param} must be in [1, {settings.max_tokens_limit}], got {limit}", param=param
-        )
+    for param in ("max_tokens", "max_completion_tokens"):  # both checked, even if both given
+        value = getattr(body, param)
+        if value is not None and not 1 <= value <= settings.max_tokens_limit:
+            raise InvalidParameterError(
+                f"{param} must be in [1, {settings.max_tokens_limit}], got {value}", param=param
+            )
+    limit = body.max_completion_tokens or body.max_tokens or settings.default_max_tokens
     stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    temperature = 1.0 if body.temperature is None else body.temperature
+    if temperature < GREEDY_BELOW:  # its limit; dividing logits by it overflows (as vLLM)
+        temperature = 0.0
     return SamplingParams(
         max_tokens=limit,
-        temperature=1.0 if body.temperature is None else body.temperature,
+        temperature=temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         seed=body.seed,
         stop=tuple(s for s in stops if s),

@@ -21,6 +21,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import iter_route_contexts
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -214,6 +215,16 @@ def error_response(exc: BaseException) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=error_headers(exc, status))
 
 
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path (Starlette's 405 names one route's)."""
+    methods: set[str] = set()
+    for route in iter_route_contexts(request.app.routes):
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and regex.match(request.url.path):
+            methods.update(route.methods or ())
+    return sorted(methods)
+
+
 def _from_http_exception(exc: StarletteHTTPException, request: Request) -> BaseException:
     """Starlette's own 404/405/400s, as the table's exceptions."""
     if exc.status_code == 404:
@@ -221,7 +232,7 @@ def _from_http_exception(exc: StarletteHTTPException, request: Request) -> BaseE
     if exc.status_code == 405:
         return MethodNotAllowedError(
             f"method {request.method} is not allowed on {request.url.path}",
-            allow=(exc.headers or {}).get("Allow"),
+            allow=", ".join(_allowed_methods(request)) or None,
         )
     if exc.status_code == 413:
         return RequestTooLargeError(str(exc.detail))

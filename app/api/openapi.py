@@ -56,7 +56,11 @@ def generation_200(model: type[BaseModel]) -> dict[str, Any]:
         "description": "The response, or with `stream: true` server-sent events (`data: "
                        "<chunk JSON>` lines, an error event if generation fails midway, then "
                        "`data: [DONE]`)",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "content": {"text/event-stream": {"schema": {  # one event
+            "type": "object", "required": ["data"],
+            "properties": {"data": {"type": "string", "description": "a chunk as JSON, an "
+                                    "error envelope as JSON, or [DONE]"}},
+        }}},
         "headers": {ADAPTERS_HEADER: {
             "description": "the blend: `id=weight` pairs, comma-separated, or `base`",
             "schema": {"type": "string"}}},
@@ -126,6 +130,30 @@ def _patch(doc: dict[str, Any], settings: Settings, embedding_dim: int | None) -
             codes["401"]["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
 
 
+def _link(doc: dict[str, Any]) -> None:
+    """OpenAPI links of the adapter lifecycle: a registered adapter can be used as a model
+    and deleted; a deleted one can be registered again (and is then a 404 as a model)."""
+    paths = doc.get("paths", {})
+    try:
+        register = paths["/v1/adapters"]["post"]
+        delete = paths["/v1/adapters/{adapter_id}"]["delete"]
+        chat = paths["/v1/chat/completions"]["post"]
+    except KeyError:
+        return
+    use = {"operationId": chat["operationId"], "requestBody": {"model": "$response.body#/id"},
+           "description": "chat with the adapter as the model"}
+    register["responses"]["201"]["links"] = {
+        "UseAdapter": use,
+        "DeleteAdapter": {"operationId": delete["operationId"],
+                          "parameters": {"adapter_id": "$response.body#/id"}},
+    }
+    delete["responses"]["200"]["links"] = {
+        "UseDeletedAdapter": {**use, "description": "a deleted adapter is a 404 as a model"},
+        "RegisterAgain": {"operationId": register["operationId"],
+                          "requestBody": {"id": "$response.body#/id"}},
+    }
+
+
 def install_openapi(app: FastAPI, settings: Settings, embedding_dim: Callable[[], int | None]
                     ) -> None:
     """Replace `app.openapi` with the patched document (cached once the engine is ready,
@@ -139,6 +167,7 @@ def install_openapi(app: FastAPI, settings: Settings, embedding_dim: Callable[[]
                           description=app.description)
         dim = embedding_dim()
         _patch(doc, settings, dim)
+        _link(doc)
         if dim is not None:
             cache["doc"] = doc
         return copy.deepcopy(doc) if dim is None else doc
