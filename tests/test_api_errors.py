@@ -155,7 +155,9 @@ def test_not_ready_and_draining_are_503(http: httpx.Client, micro_engine: Engine
     micro_engine.draining = True  # what SIGTERM does; restored before the next request
     try:
         _error(http.get("/ready"), 503, "not_ready")
-        _error(_chat(http), 503, "not_ready")
+        refused = _chat(http)
+        _error(refused, 503, "not_ready")
+        assert int(refused.headers["retry-after"]) >= 1
         _error(_chat(http, stream=True), 503, "not_ready")
         assert http.get("/health").json() == {"status": "draining"}
     finally:

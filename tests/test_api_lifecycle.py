@@ -12,11 +12,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 from server import LiveServer
 
+from app.engine.stream import GenerationStream
 from app.main import create_app
 from app.settings import Settings
 
@@ -101,6 +103,7 @@ def test_overload_is_429(server: LiveServer) -> None:
             response = http.post("/v1/completions", json={**LONG, "max_tokens": 2})
             assert response.status_code == 429
             assert response.json()["error"]["type"] == "rate_limit_error"
+            assert int(response.headers["retry-after"]) >= 1
     finally:
         stream.close()
     _wait_for(lambda: _idle(server))
@@ -125,6 +128,63 @@ def test_client_disconnect_stops_generation(server: LiveServer) -> None:
     _wait_for(lambda: _idle(server), timeout_s=10)
     with server.client() as http:
         assert http.post("/v1/completions", json={**LONG, "max_tokens": 2}).status_code == 200
+
+
+class _StepLedger:
+    """Counts the engine's scheduler steps and notes the step at which a request's stream
+    was cancelled, so a test can tell how many decode steps a hung-up row still took."""
+
+    def __init__(self, engine, monkeypatch: pytest.MonkeyPatch, pause_s: float = 0.01) -> None:
+        self.scheduler = engine.scheduler
+        self.steps = 0
+        self.active_after: list[int] = []  # scheduler.active after each step
+        self.cancelled_at: dict[str, int] = {}  # request id -> steps begun when cancelled
+        step, cancel = self.scheduler.step, GenerationStream.cancel
+
+        def counted_step() -> None:
+            self.steps += 1
+            step()
+            time.sleep(pause_s)  # the micro model is fast: keep answers long enough to leave
+            self.active_after.append(self.scheduler.active)
+
+        def noted_cancel(stream: GenerationStream) -> None:
+            if stream.final is None:  # the request was still running
+                self.cancelled_at.setdefault(stream.request_id, self.steps)
+            cancel(stream)
+
+        monkeypatch.setattr(self.scheduler, "step", counted_step)
+        monkeypatch.setattr(GenerationStream, "cancel", noted_cancel)
+
+    def released_within_one_step(self, prefix: str) -> None:
+        (request_id, at), = [(r, s) for r, s in self.cancelled_at.items()
+                             if r.startswith(prefix)]
+        _wait_for(lambda: len(self.active_after) > at)
+        # The step begun after the cancel drops the row before it decodes again.
+        assert self.active_after[at] == 0, (request_id, at, self.active_after[at - 2:at + 2])
+        assert REGISTRY.get_sample_value("dynamerge_running_requests") == 0
+
+
+def test_a_gone_client_frees_its_row_within_one_decode_step(
+    server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _wait_for(lambda: _idle(server))
+    ledger = _StepLedger(server.app.state.engine, monkeypatch)
+    stream = _Stream(server)
+    assert stream.first.wait(30)
+    _wait_for(lambda: ledger.steps >= 3)  # decoding
+    stream.close()  # the streaming client goes away mid-answer
+    _wait_for(lambda: any(r.startswith("cmpl-") for r in ledger.cancelled_at), timeout_s=10)
+    ledger.released_within_one_step("cmpl-")
+    assert server.app.state.engine.stats().running == 0
+
+    ledger.cancelled_at.clear()
+    # A non-streaming client that times out.
+    with server.client(timeout=httpx.Timeout(30.0, read=0.5)) as http, pytest.raises(
+            httpx.ReadTimeout):
+        http.post("/v1/completions", json=LONG)
+    _wait_for(lambda: any(r.startswith("cmpl-") for r in ledger.cancelled_at), timeout_s=10)
+    ledger.released_within_one_step("cmpl-")
+    assert server.app.state.engine.stats().running == 0
 
 
 def test_sigterm_drains_in_flight_requests_and_refuses_new_ones(server: LiveServer) -> None:
