@@ -60,7 +60,11 @@ def test_the_settings_maxima_are_in_the_document_and_enforced(
         assert _integer(props["max_tokens"])["maximum"] == 64
         assert _integer(props["max_completion_tokens"])["maximum"] == 64
     assert _integer(schemas["ChatCompletionRequest"]["properties"]["n"])["maximum"] == 4
-    assert _integer(schemas["RoutingParams"]["properties"]["top_k"])["maximum"] == 5
+    top_k = _integer(schemas["RoutingParams"]["properties"]["top_k"])
+    assert top_k["maximum"] == 5 and top_k["minimum"] == 1  # bounds as JSON Schema spells them
+    assert "'ge':" not in str(schemas) and "'le':" not in str(schemas)  # raw pydantic keys
+    bias = schemas["ChatCompletionRequest"]["properties"]["logit_bias"]["anyOf"][0]
+    assert bias["additionalProperties"] is False and bias["patternProperties"]
     assert _integer(schemas["EmbeddingRequest"]["properties"]["dimensions"])["enum"] == [384]
     chat = schemas["ChatCompletionRequest"]["properties"]
     assert chat["temperature"]["anyOf"][0] | {"type": "number"} == {
@@ -99,6 +103,8 @@ def test_every_error_status_is_declared_with_the_envelope(doc: dict) -> None:
     generation = doc["paths"]["/v1/chat/completions"]["post"]["responses"]
     assert {"400", "401", "404", "413", "422", "429", "500", "503"} <= set(generation)
     assert set(generation["200"]["content"]) == {"application/json", "text/event-stream"}
+    event = generation["200"]["content"]["text/event-stream"]["schema"]  # one event (3.1)
+    assert event["type"] == "object" and event["properties"]["data"]["type"] == "string"
     assert "x-dynamerge-adapters" in generation["200"]["headers"]
     delete = doc["paths"]["/v1/adapters/{adapter_id}"]["delete"]["responses"]
     assert "422" not in delete  # a string path parameter cannot fail validation
