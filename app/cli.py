@@ -205,29 +205,19 @@ def _zoo(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
+    from app.engine.calibration import standalone_router, store_calibration
     from app.settings import Settings
-    from router_index.calibrate import (
-        OOD_PROMPTS,
-        calibrate_store,
-        format_tables,
-        read_prompts,
-        write_calibration,
-    )
-    from router_index.embedder import Embedder
+    from router_index.calibrate import format_tables
 
     settings = Settings()
-    calibration = calibrate_store(
-        settings.adapter_store, Embedder(settings.embedder_path),
-        read_prompts(args.ood or OOD_PROMPTS), settings.adapters,
-        sharpening=settings.sharpening, scoring=settings.scoring, knn_m=settings.knn_m,
-        folds=args.folds, max_false_fallback=args.max_false_fallback, top_k=args.top_k,
-    )
     path = Path(args.out or settings.calibration_file or "calibration.json")
-    write_calibration(calibration, path)
+    calibration = store_calibration(standalone_router(settings), settings, path, args.ood,
+                                    args.folds, args.max_false_fallback, args.top_k)
     print(format_tables(calibration))
-    print(f"\nwrote {path}: temperature={calibration.temperature:g} "
-          f"threshold={calibration.threshold:g}")
-    print(f"serve with DYNAMERGE_CALIBRATION_FILE={path.resolve()}")
+    print(f"\nwrote {path}: temperature={calibration.temperature:g}, fallback rule "
+          f"{calibration.fallback}, threshold={calibration.threshold:g}")
+    print(f"ship it as <store>/calibration.json (the server then uses it for this store), or "
+          f"serve with DYNAMERGE_CALIBRATION_FILE={path.resolve()}")
     return 0
 
 

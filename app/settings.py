@@ -79,8 +79,13 @@ class Settings(BaseSettings):
     knn_approximate_above: int | None = Field(default=200_000, ge=1)
     """Exemplar count above which `knn` scoring searches an IVF index instead of the exact
     flat one (see docs/benchmarks.md for recall and latency); None: always exact."""
+    calibration: Literal["auto", "off"] = "auto"
+    """auto: route with values calibrated for this store (shipped in the store, cached from
+    an earlier start, or computed at start-up in about a second; see
+    app/engine/calibration.py). Routing settings given explicitly still win. off: the
+    settings alone."""
     calibration_file: Path | None = None
-    """JSON written by `dynamerge calibrate`; its temperature/threshold override the above."""
+    """JSON written by `dynamerge calibrate`, used whatever the store (pins a calibration)."""
 
     # --- merge methods (non-linear merges become cached "virtual adapters") --------------
     max_virtual_adapters: int = Field(default=8, ge=1, le=1024)

@@ -11,15 +11,19 @@ Choices.
 - Temperature: the grid value with the lowest negative log-likelihood of the true task under
   `alpha_hat` (temperature scaling, Guo et al. 2017). Top-1 accuracy does not depend on tau
   (sharpening is monotonic); tau only decides how much weight the right expert gets.
-- Threshold: at most `max_false_fallback` of the in-domain queries may fall back (none by
-  default: a false fallback loses an answer the expert would have got right, while a missed
-  OOD prompt only gets a lightly blended model); within that bound, the threshold that sends
-  the most OOD queries to the base model, placed in the middle of the gap between the scores
-  on either side of it (the widest margin).
+- Fallback: each rule of router_index.fallback (centroid threshold, nearest-exemplar
+  threshold, a learned logistic rule) is placed the same way: at most `max_false_fallback` of
+  the in-domain queries may fall back (none by default: a false fallback loses an answer the
+  expert would have got right, while a missed OOD prompt only gets a lightly blended model);
+  within that bound, the cut that sends the most OOD queries to the base model, in the middle
+  of the gap between the scores on either side of it (the widest margin). The rule with the
+  most OOD fallbacks is chosen; ties go to the simpler rule.
 
 File format (JSON; `Settings.calibration_file` / `DYNAMERGE_CALIBRATION_FILE`): the server
-takes `temperature`, `threshold`, `sharpening`, and `top_k` unless it is null; the other keys
-document how they were chosen.
+takes `temperature`, `threshold`, `fallback`, `fallback_weights`, `sharpening`, and `top_k`
+unless it is null; the other keys document how they were chosen. `fingerprint` identifies the
+store, embedder and OOD prompts it was computed on, so a cached calibration is reused only
+for the very same inputs.
 """
 
 from __future__ import annotations
@@ -34,8 +38,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from router_index.fallback import FallbackRow, learned_rule, place_threshold, rule_row
 from router_index.index import TaskIndex
-from router_index.router import RoutingOptions, Scoring, Sharpening, sharpen
+from router_index.router import (
+    FALLBACK_RULES,
+    Fallback,
+    RoutingOptions,
+    Scoring,
+    Sharpening,
+    fallback_features,
+    should_fall_back,
+)
 
 if TYPE_CHECKING:
     from router_index.embedder import Embedder
@@ -80,16 +93,21 @@ class Calibration:
     fallback_rate: float  # in-domain false fallbacks at the chosen threshold
     ood_fallback_rate: float = float("nan")
     scoring: Scoring = "centroid"
+    fallback: Fallback = "centroid"  # the chosen rule
+    fallback_weights: tuple[float, float, float, float] | None = None  # the learned rule's
+    fingerprint: str = ""  # of the inputs (store exemplars, embedder, OOD prompts)
     data: dict[str, object] = field(default_factory=dict)  # what the choice was made on
     temperatures: tuple[TemperatureRow, ...] = ()
-    thresholds: tuple[ThresholdRow, ...] = ()
+    thresholds: tuple[ThresholdRow, ...] = ()  # the centroid rule at several thresholds
+    rules: tuple[FallbackRow, ...] = ()  # every rule, each placed by the same criterion
 
     def apply(self, options: RoutingOptions) -> RoutingOptions:
         """`options` with the calibrated values (what the engine's defaults become)."""
         top_k = self.top_k if self.top_k is not None else options.top_k
         return replace(
             options, temperature=self.temperature, threshold=self.threshold,
-            sharpening=self.sharpening, top_k=top_k,
+            sharpening=self.sharpening, top_k=top_k, fallback=self.fallback,
+            fallback_weights=self.fallback_weights,
         )
 
     def to_json(self) -> str:
@@ -120,9 +138,14 @@ def load_calibration(path: Path) -> Calibration:
             fallback_rate=float(raw.get("fallback_rate", float("nan"))),
             ood_fallback_rate=float(raw.get("ood_fallback_rate", float("nan"))),
             scoring=raw.get("scoring", "centroid"),
+            fallback=raw.get("fallback", "centroid"),
+            fallback_weights=None if raw.get("fallback_weights") is None
+            else tuple(float(w) for w in raw["fallback_weights"]),
+            fingerprint=str(raw.get("fingerprint", "")),
             data=dict(raw.get("data", {})),
             temperatures=tuple(TemperatureRow(**r) for r in raw.get("temperatures", ())),
             thresholds=tuple(ThresholdRow(**r) for r in raw.get("thresholds", ())),
+            rules=tuple(FallbackRow(**r) for r in raw.get("rules", ())),
         )
         # RoutingOptions validates the ranges exactly as a request's overrides are validated.
         calibration.apply(RoutingOptions())
@@ -151,6 +174,16 @@ class HeldOutScores:
     scores: np.ndarray  # [Q, N] in-domain query scores against indexes without them
     truth: np.ndarray  # [Q] int: row of the true task of each query
     ood_scores: np.ndarray  # [O * folds, N] OOD query scores against every fold index
+    nearest: np.ndarray | None = None  # [Q] cosine of the best task's nearest exemplar
+    ood_nearest: np.ndarray | None = None  # [O * folds] the same for the OOD queries
+
+    def features(self) -> tuple[np.ndarray, np.ndarray]:
+        """The fallback rules' features of in-domain and OOD queries ([Q, 3], [O, 3])."""
+        inside = self.nearest if self.nearest is not None else np.ones(len(self.scores))
+        outside = self.ood_nearest if self.ood_nearest is not None \
+            else np.ones(len(self.ood_scores))
+        return (fallback_features(self.scores, inside),
+                fallback_features(self.ood_scores, outside))
 
 
 def held_out_scores(
@@ -160,7 +193,8 @@ def held_out_scores(
     scoring: Scoring = "centroid",
     knn_m: int = 10,
 ) -> HeldOutScores:
-    """Cross-fitted Eq. 5 scores of every exemplar, and of the OOD queries.
+    """Cross-fitted scores of every exemplar and of the OOD queries, with the cosine of each
+    query's nearest exemplar in its best task.
 
     Args:
         tasks: `{task id: [M_i, dim] unit exemplar embeddings}`; every task needs >= `folds`.
@@ -178,36 +212,68 @@ def held_out_scores(
     short = [t for t in task_ids if len(tasks[t]) < folds]
     if short:
         raise ValueError(f"tasks with fewer exemplars than folds ({folds}): {', '.join(short)}")
-    scores, truth, ood_scores = [], [], []
+    vectors = {t: np.asarray(tasks[t], dtype=np.float32) for t in task_ids}
+    ood = np.asarray(ood, dtype=np.float32).reshape(-1, next(iter(vectors.values())).shape[1])
+    scores, truth, nearest, ood_scores, ood_nearest = [], [], [], [], []
     for fold in range(folds):
-        kept = {}
-        for t in task_ids:
-            vectors = np.asarray(tasks[t], dtype=np.float32)
-            in_fold = np.arange(len(vectors)) % folds == fold
-            kept[t] = (tuple(str(j) for j in np.flatnonzero(~in_fold)), vectors[~in_fold])
-        index = TaskIndex.build(kept)
-        for row, t in enumerate(task_ids):
-            vectors = np.asarray(tasks[t], dtype=np.float32)
-            for query in vectors[np.arange(len(vectors)) % folds == fold]:
-                scores.append(_score(index, query, scoring, knn_m))
-                truth.append(row)
-        ood_scores.extend(_score(index, q, scoring, knn_m) for q in np.asarray(ood, np.float32))
+        held_in = {t: v[np.arange(len(v)) % folds != fold] for t, v in vectors.items()}
+        queries = [v[np.arange(len(v)) % folds == fold] for v in vectors.values()]
+        q = np.concatenate(queries)
+        truth.extend(row for row, part in enumerate(queries) for _ in range(len(part)))
+        for block, sink, near in ((q, scores, nearest), (ood, ood_scores, ood_nearest)):
+            s = _fold_scores(held_in, block, scoring, knn_m)
+            sink.append(s)
+            near.append(_nearest_in_best(held_in, task_ids, block, s))
     n = len(task_ids)
     return HeldOutScores(
         task_ids=task_ids,
-        scores=np.asarray(scores, dtype=np.float64).reshape(-1, n),
+        scores=np.concatenate(scores).astype(np.float64).reshape(-1, n),
         truth=np.asarray(truth, dtype=np.int64),
-        ood_scores=np.asarray(ood_scores, dtype=np.float64).reshape(-1, n),
+        ood_scores=np.concatenate(ood_scores).astype(np.float64).reshape(-1, n),
+        nearest=np.concatenate(nearest).astype(np.float64),
+        ood_nearest=np.concatenate(ood_nearest).astype(np.float64),
     )
 
 
-def _score(index: TaskIndex, query: np.ndarray, scoring: Scoring, knn_m: int) -> np.ndarray:
-    if scoring == "knn":
-        return index.knn_scores(query, knn_m)
-    return index.centroid_scores(query)
+def _fold_scores(held_in: Mapping[str, np.ndarray], queries: np.ndarray, scoring: Scoring,
+                 knn_m: int) -> np.ndarray:
+    """[Q, N] scores of `queries` against an index of `held_in`: Eq. 5 as one matrix
+    product for centroid scoring, the index's own search for knn."""
+    if scoring == "centroid":
+        centroids = np.stack([v.mean(axis=0) for v in held_in.values()])
+        return queries @ centroids.T
+    index = TaskIndex.build({t: (tuple(str(j) for j in range(len(v))), v)
+                             for t, v in held_in.items()})
+    return np.stack([index.knn_scores(query, knn_m) for query in queries]) if len(queries) \
+        else np.zeros((0, len(held_in)), dtype=np.float32)
 
 
-# --- the two choices -----------------------------------------------------------------------
+def _nearest_in_best(held_in: Mapping[str, np.ndarray], task_ids: tuple[str, ...],
+                     queries: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """[Q] cosine of each query's nearest held-in exemplar of its best-scoring task."""
+    out = np.zeros(len(queries))
+    if len(queries) == 0:
+        return out
+    best = scores.argmax(axis=1)
+    for row in np.unique(best):
+        chosen = best == row
+        out[chosen] = (queries[chosen] @ held_in[task_ids[row]].T).max(axis=1)
+    return out
+
+
+# --- the choices ---------------------------------------------------------------------------
+def _sharpen_rows(scores: np.ndarray, temperature: float, sharpening: Sharpening) -> np.ndarray:
+    """`router.sharpen` applied to every row of [Q, N] at once."""
+
+    def softmax(x: np.ndarray) -> np.ndarray:
+        e = np.exp(x - x.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    if sharpening == "two_stage":
+        return softmax(softmax(scores) / temperature)
+    return softmax(scores / temperature)
+
+
 def temperature_table(
     held: HeldOutScores, temperatures: Sequence[float], sharpening: Sharpening
 ) -> list[TemperatureRow]:
@@ -215,7 +281,7 @@ def temperature_table(
     rows = []
     top1 = float(np.mean(held.scores.argmax(axis=1) == held.truth))
     for tau in temperatures:
-        weights = np.stack([sharpen(s, tau, sharpening) for s in held.scores])
+        weights = _sharpen_rows(held.scores, tau, sharpening)
         true_w = weights[np.arange(len(held.truth)), held.truth]
         nll = float(np.mean(-np.log(np.maximum(true_w, 1e-300))))
         rows.append(TemperatureRow(float(tau), top1, float(true_w.mean()), nll))
@@ -252,15 +318,45 @@ def choose_threshold(held: HeldOutScores, max_false_fallback: float) -> float:
         A threshold in the middle of the gap between the highest OOD top score below it and
         the lowest in-domain top score allowed to stay above it.
     """
-    inside = np.sort(held.scores.max(axis=1))
-    allowed = math.floor(max_false_fallback * len(inside))
-    upper = float(inside[min(allowed, len(inside) - 1)])  # threshold <= upper keeps the bound
-    ood_top = held.ood_scores.max(axis=1)
-    below = ood_top[ood_top < upper]
-    if len(below) == 0:
-        # No OOD query can be caught within the bound: keep a margin below in-domain scores.
-        return float(np.clip(upper - 0.05, -1.0, 1.0))
-    return float((below.max() + upper) / 2)
+    cut = place_threshold(held.scores.max(axis=1), held.ood_scores.max(axis=1),
+                          max_false_fallback)
+    return float(np.clip(cut, -1.0, 1.0))
+
+
+def fallback_rules(
+    held: HeldOutScores, max_false_fallback: float
+) -> tuple[list[FallbackRow], dict[str, RoutingOptions]]:
+    """Every fallback rule placed by the same criterion, its table row and its options.
+
+    Cuts are rounded down to 1e-4, so the false-fallback bound still holds.
+    """
+    inside, outside = held.features()
+    correct = held.scores.argmax(axis=1) == held.truth
+    rules: dict[str, RoutingOptions] = {}
+    for rule, column in (("centroid", 0), ("nearest", 2)):
+        if rule == "nearest" and held.nearest is None:
+            continue
+        cut = place_threshold(inside[:, column], outside[:, column], max_false_fallback)
+        cut = math.floor(float(np.clip(cut, -1.0, 1.0)) * 1e4) / 1e4
+        rules[rule] = RoutingOptions(fallback=rule, threshold=cut)  # type: ignore[arg-type]
+    if held.nearest is not None:
+        weights = learned_rule(inside, outside, max_false_fallback)
+        rules["learned"] = RoutingOptions(fallback="learned", fallback_weights=weights,
+                                          threshold=rules["centroid"].threshold)
+    rows = []
+    for rule, options in rules.items():
+        parameters = (f"threshold {options.threshold:.4f}" if rule != "learned" else
+                      "w = " + ", ".join(f"{w:+.2f}" for w in options.fallback_weights or ()))
+        rows.append(rule_row(rule, parameters, should_fall_back(inside, options), correct,
+                             should_fall_back(outside, options)))
+    return rows, rules
+
+
+def choose_rule(rows: Sequence[FallbackRow]) -> str:
+    """The most OOD fallbacks; ties (within one prompt in a thousand) go to the simpler rule."""
+    best = max(r.ood_fallback_rate for r in rows)
+    order = {rule: i for i, rule in enumerate(FALLBACK_RULES)}
+    return min((r.rule for r in rows if r.ood_fallback_rate >= best - 1e-3), key=order.__getitem__)
 
 
 def calibrate(
@@ -274,8 +370,10 @@ def calibrate(
     temperatures: Sequence[float] | None = None,
     max_false_fallback: float = 0.0,
     top_k: int | None = None,
+    fallback: Fallback | None = None,
+    fingerprint: str = "",
 ) -> Calibration:
-    """Choose temperature and threshold from embeddings (see the module docstring).
+    """Choose temperature and fallback rule from embeddings (see the module docstring).
 
     Args:
         exemplars: `{task id: [M_i, dim] unit exemplar embeddings}`.
@@ -287,9 +385,11 @@ def calibrate(
         temperatures: the grid; `TEMPERATURE_GRIDS[sharpening]` when None.
         max_false_fallback: share of in-domain queries allowed to fall back.
         top_k: written as is (None keeps the server's).
+        fallback: force this rule; None: the best one (`choose_rule`).
+        fingerprint: identifies the inputs (`fingerprint`), written into the file.
 
     Returns:
-        The calibration, with both tables.
+        The calibration, with its tables.
     """
     if not 0.0 <= max_false_fallback < 1.0:
         raise ValueError("max_false_fallback must be in [0, 1)")
@@ -297,10 +397,11 @@ def calibrate(
     grid = tuple(temperatures) if temperatures else TEMPERATURE_GRIDS[sharpening]
     tau_rows = temperature_table(held, grid, sharpening)
     tau = choose_temperature(tau_rows)
-    # Rounded down, so the false-fallback bound still holds.
-    threshold = math.floor(choose_threshold(held, max_false_fallback) * 1e4) / 1e4
-    chosen = threshold_row(held, threshold)
-    grid_rows = sorted({threshold, *THRESHOLD_GRID})
+    rule_rows, rules = fallback_rules(held, max_false_fallback)
+    rule = choose_rule(rule_rows) if fallback is None else fallback
+    chosen = next(r for r in rule_rows if r.rule == rule)
+    threshold = rules[rule].threshold
+    grid_rows = sorted({rules["centroid"].threshold, *THRESHOLD_GRID})
     return Calibration(
         temperature=tau,
         threshold=threshold,
@@ -311,6 +412,9 @@ def calibrate(
         fallback_rate=chosen.fallback_rate,
         ood_fallback_rate=chosen.ood_fallback_rate,
         scoring=scoring,
+        fallback=rule,  # type: ignore[arg-type]
+        fallback_weights=rules[rule].fallback_weights,
+        fingerprint=fingerprint,
         data={
             "in_domain": f"adapters' exemplars, {folds}-fold cross-fitted "
             f"({len(held.truth)} queries over {len(held.task_ids)} tasks)",
@@ -320,6 +424,7 @@ def calibrate(
         },
         temperatures=tuple(tau_rows),
         thresholds=tuple(threshold_row(held, t) for t in grid_rows),
+        rules=tuple(rule_rows),
     )
 
 
@@ -353,7 +458,8 @@ def calibrate_store(
 
 
 def format_tables(calibration: Calibration) -> str:
-    """The two tables as Markdown, the chosen rows marked."""
+    """The tables as Markdown (temperature, fallback rules, centroid thresholds), the chosen
+    rows marked."""
     lines = [
         f"Temperature ({calibration.sharpening} sharpening), on {calibration.data['in_domain']}:",
         "",
@@ -368,13 +474,29 @@ def format_tables(calibration: Calibration) -> str:
         )
     lines += [
         "",
-        f"Fallback threshold (in-domain as above; OOD: {calibration.data['out_of_domain']}):",
+        f"Fallback rules, each placed for at most "
+        f"{100 * float(calibration.data.get('max_false_fallback', 0)):g}% false fallbacks "
+        f"(in-domain as above; OOD: {calibration.data['out_of_domain']}):",
+        "",
+        "| rule | parameters | in-domain fallback | routing accuracy | OOD fallback |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in calibration.rules:
+        mark = " **(chosen)**" if r.rule == calibration.fallback else ""
+        lines.append(
+            f"| {r.rule}{mark} | {r.parameters} | {100 * r.fallback_rate:.1f}% "
+            f"| {100 * r.routing_accuracy:.1f}% | {100 * r.ood_fallback_rate:.1f}% |"
+        )
+    lines += [
+        "",
+        "Centroid rule at other thresholds:",
         "",
         "| threshold | in-domain fallback | routing accuracy | OOD fallback |",
         "|---:|---:|---:|---:|",
     ]
     for r in calibration.thresholds:
-        mark = " **(chosen)**" if r.threshold == calibration.threshold else ""
+        mark = " **(chosen)**" if (calibration.fallback == "centroid"
+                                   and r.threshold == calibration.threshold) else ""
         lines.append(
             f"| {r.threshold:.4g}{mark} | {100 * r.fallback_rate:.1f}% "
             f"| {100 * r.routing_accuracy:.1f}% | {100 * r.ood_fallback_rate:.1f}% |"

@@ -18,6 +18,9 @@ from router_index.index import TaskIndex
 
 Scoring = Literal["centroid", "knn"]
 Sharpening = Literal["two_stage", "single_stage"]
+# When to fall back to the base model (see `should_fall_back`).
+Fallback = Literal["centroid", "nearest", "learned"]
+FALLBACK_RULES: tuple[str, ...] = ("centroid", "nearest", "learned")
 
 
 class RoutingOptionError(ValueError):
@@ -32,7 +35,10 @@ class RoutingOptionError(ValueError):
 class RoutingOptions:
     top_k: int = 3
     temperature: float = 0.02  # tau of Eqs. 7-8 (or 13)
-    threshold: float = 0.25  # fall back when the best score (a cosine) is below this
+    threshold: float = 0.25  # a cosine: the centroid or nearest rule falls back below it
+    fallback: Fallback = "centroid"  # which rule decides a fallback
+    # The learned rule's (w_score, w_margin, w_nearest, bias): route iff w . f + bias >= 0.
+    fallback_weights: tuple[float, float, float, float] | None = None
     scoring: Scoring = "centroid"
     sharpening: Sharpening = "two_stage"
     renormalize: bool = False  # re-normalise the K kept weights to sum to 1
@@ -53,6 +59,15 @@ class RoutingOptions:
         if self.scoring not in ("centroid", "knn"):
             raise RoutingOptionError("routing.scoring must be 'centroid' or 'knn'",
                                      "routing.scoring")
+        if self.fallback not in FALLBACK_RULES:
+            raise RoutingOptionError(f"routing.fallback must be one of {', '.join(FALLBACK_RULES)}",
+                                     "routing.fallback")
+        if self.fallback == "learned" and (
+            self.fallback_weights is None or len(self.fallback_weights) != 4
+            or not all(math.isfinite(w) for w in self.fallback_weights)
+        ):
+            raise RoutingOptionError("the learned fallback rule needs four finite weights "
+                                     "(from a calibration)", "routing.fallback")
         if self.sharpening not in ("two_stage", "single_stage"):
             raise RoutingOptionError("routing.sharpening must be 'two_stage' or 'single_stage'",
                                      "routing.sharpening")
@@ -101,11 +116,58 @@ def sharpen(scores: np.ndarray, temperature: float, sharpening: Sharpening) -> n
     return softmax(scores / temperature)
 
 
+def fallback_features(scores: np.ndarray, nearest: np.ndarray) -> np.ndarray:
+    """What the fallback rules look at, per query: the best task's score (Eq. 5), its margin
+    over the second best, and the cosine of the nearest exemplar of the best task.
+
+    Args:
+        scores: [Q, N] task scores.
+        nearest: [Q] nearest-exemplar cosine of each query's best task.
+
+    Returns:
+        [Q, 3] float64.
+    """
+    ordered = np.sort(scores, axis=1)
+    best = ordered[:, -1]
+    second = ordered[:, -2] if scores.shape[1] > 1 else np.full_like(best, -1.0)
+    return np.stack([best, best - second, nearest], axis=1).astype(np.float64)
+
+
+def should_fall_back(features: np.ndarray, options: RoutingOptions) -> np.ndarray:
+    """[Q] bool: each query's fallback under `options` (features from `fallback_features`).
+
+    - centroid: the best task's mean cosine (Eq. 5) is below `threshold`;
+    - nearest: the best task's nearest exemplar is below `threshold`, a rule that forgives
+      in-domain phrasings far from a task's centroid but close to one of its exemplars;
+    - learned: a logistic rule over all three features, fitted by calibration on
+      cross-fitted exemplars against out-of-domain prompts.
+    """
+    if options.fallback == "nearest":
+        return features[:, 2] < options.threshold
+    if options.fallback == "learned":
+        assert options.fallback_weights is not None
+        w = np.asarray(options.fallback_weights, dtype=np.float64)
+        return features @ w[:3] + w[3] < 0.0
+    return features[:, 0] < options.threshold
+
+
 def decide(
-    task_ids: tuple[str, ...], scores: np.ndarray, options: RoutingOptions
+    task_ids: tuple[str, ...], scores: np.ndarray, options: RoutingOptions,
+    nearest: float = 1.0,
 ) -> tuple[tuple[RouteHit, ...], bool]:
-    """Top-K hits and the fallback flag from scores over `task_ids` (already restricted)."""
-    if len(task_ids) == 0 or float(scores.max()) < options.threshold:
+    """Top-K hits and the fallback flag from scores over `task_ids` (already restricted).
+
+    Args:
+        task_ids: the candidate tasks.
+        scores: [N] their scores.
+        options: routing options.
+        nearest: cosine of the nearest exemplar of the best task (the nearest and learned
+            fallback rules read it).
+    """
+    if len(task_ids) == 0:
+        return (), True
+    features = fallback_features(scores[None, :].astype(np.float64), np.array([nearest]))
+    if bool(should_fall_back(features, options)[0]):
         return (), True
     weights = sharpen(scores.astype(np.float64), options.temperature, options.sharpening)
     top = np.argsort(-weights, kind="stable")[: options.top_k]
@@ -184,10 +246,12 @@ class Router:
             candidates = [index.task_ids.index(a) for a in dict.fromkeys(options.adapters)]
         task_ids = tuple(index.task_ids[i] for i in candidates)
         scores = all_scores[candidates]
-        hits, fallback = decide(task_ids, scores, options)
         # Explain with the exemplars of the best-scoring candidates only: exact for them, and
         # no search over every exemplar of a large index on each request.
         best = [candidates[i] for i in np.argsort(-scores, kind="stable")[: options.top_k]]
+        closest = index.nearest_of_tasks(query, best[:1], 1)
+        hits, fallback = decide(task_ids, scores, options,
+                                nearest=closest[0][1] if closest else -1.0)
         nearest = tuple(
             Exemplar(index.task_ids[index.exemplar_task[j]], index.exemplar_texts[j], sim)
             for j, sim in index.nearest_of_tasks(query, best, options.explain)
@@ -201,5 +265,9 @@ class Router:
         )
 
     def options(self, **overrides: object) -> RoutingOptions:
-        """The defaults with the given non-None overrides applied (validated)."""
-        return replace(self.defaults, **{k: v for k, v in overrides.items() if v is not None})
+        """The defaults with the given non-None overrides applied (validated). A threshold
+        given alone is a cosine for the centroid rule, whatever rule the defaults use."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if "threshold" in given and "fallback" not in given:
+            given["fallback"] = "centroid"
+        return replace(self.defaults, **given)

@@ -29,7 +29,7 @@ from router_index.calibrate import (
     threshold_row,
     write_calibration,
 )
-from router_index.router import sharpen
+from router_index.router import RoutingOptions, fallback_features, sharpen, should_fall_back
 
 
 def _held(inside: list[float], ood: list[float]) -> HeldOutScores:
@@ -147,10 +147,15 @@ def test_server_routes_with_the_calibrated_values(
     ood = read_prompts(Path(__file__).resolve().parent.parent / "bench/data/ood_eval.jsonl")[:6]
     fallbacks = 0
     for text in in_domain + ood:
-        body = calibrated_http.post("/v1/route", json={"text": text}).json()
+        body = calibrated_http.post("/v1/route", json={"text": text,
+                                                       "routing": {"explain": 100}}).json()
         scores = body["scores"]
         ids = list(scores)
-        assert body["fallback"] == (max(scores.values()) < calibration.threshold), text
+        best = max(scores, key=scores.get)
+        nearest = max(e["score"] for e in body["nearest"] if e["adapter"] == best)
+        features = fallback_features(np.array([[scores[i] for i in ids]]), np.array([nearest]))
+        assert body["fallback"] == bool(should_fall_back(
+            features, calibration.apply(RoutingOptions()))[0]), text
         fallbacks += body["fallback"]
         if not body["fallback"]:
             weights = sharpen(np.array([scores[i] for i in ids]), calibration.temperature,
@@ -158,3 +163,41 @@ def test_server_routes_with_the_calibrated_values(
             for hit in body["adapters"]:
                 assert hit["weight"] == pytest.approx(weights[ids.index(hit["id"])], rel=1e-6)
     assert fallbacks >= 1  # some OOD prompt is caught by the calibrated threshold
+
+
+# --- the fallback rules -------------------------------------------------------------------
+def test_every_rule_keeps_the_false_fallback_bound_and_the_best_is_chosen() -> None:
+    """In-domain queries whose centroid score overlaps the OOD ones but whose nearest exemplar
+    separates them: the nearest and learned rules catch more OOD, and the simpler wins ties."""
+    from router_index.calibrate import choose_rule, fallback_rules
+
+    rng = np.random.default_rng(3)
+    inside_best = rng.uniform(0.3, 0.6, 200)
+    ood_best = rng.uniform(0.25, 0.5, 100)
+    scores = np.stack([inside_best, inside_best - 0.1], axis=1)
+    ood_scores = np.stack([ood_best, ood_best - 0.02], axis=1)
+    held = HeldOutScores(("a", "b"), scores, np.zeros(200, dtype=np.int64), ood_scores,
+                         nearest=rng.uniform(0.7, 0.95, 200),
+                         ood_nearest=rng.uniform(0.2, 0.6, 100))
+    rows, rules = fallback_rules(held, max_false_fallback=0.0)
+    by_rule = {r.rule: r for r in rows}
+    assert set(by_rule) == {"centroid", "nearest", "learned"}
+    assert all(r.fallback_rate == 0.0 for r in rows)
+    assert by_rule["centroid"].ood_fallback_rate < 0.3
+    assert by_rule["nearest"].ood_fallback_rate == 1.0
+    assert by_rule["learned"].ood_fallback_rate >= 0.99
+    assert choose_rule(rows) == "nearest"  # as good as learned, and simpler
+    assert rules["learned"].fallback_weights is not None
+
+
+def test_logistic_fit_separates_and_place_threshold_respects_the_bound() -> None:
+    from router_index.fallback import fit_logistic, place_threshold
+
+    rng = np.random.default_rng(0)
+    inside, outside = rng.normal(1.0, 0.3, (300, 3)), rng.normal(-1.0, 0.3, (300, 3))
+    w = fit_logistic(inside, outside)
+    assert ((inside @ w[:3] + w[3]) > 0).mean() > 0.99
+    assert ((outside @ w[:3] + w[3]) < 0).mean() > 0.99
+    values = np.array([0.1, 0.2, 0.3, 0.4])
+    cut = place_threshold(values, np.array([0.05, 0.25]), max_false_fallback=0.25)
+    assert (values < cut).mean() <= 0.25 and cut == pytest.approx(0.125)

@@ -254,7 +254,8 @@ def test_exemplar_embeddings_are_cached_across_restarts(micro_zoo, synth_store, 
     for i in range(5):
         shutil.copytree(synth_store / f"synth-{i:04d}", store / f"synth-{i:04d}")
     settings = Settings(base_model=micro_zoo.base_dir, adapter_store=store,
-                        cache_dir=tmp_path / "cache", max_adapters=2, top_k=1)
+                        cache_dir=tmp_path / "cache", max_adapters=2, top_k=1,
+                        calibration="off")  # only the index build embeds
     calls: list[int] = []
     encode = Embedder.encode
 

@@ -31,6 +31,7 @@ from adapters.virtual import VirtualAdapter
 from app import metrics
 from app.engine.base_model import load_base_model
 from app.engine.blended_lora import BlendContext, install_blended_layers
+from app.engine.calibration import routing_defaults, settings_options
 from app.engine.device_slots import DeviceSlots
 from app.engine.merging import Merging, task_inputs_collector
 from app.engine.protocol import AdapterInfo, EngineStats, Health, RefusedAdapter
@@ -48,7 +49,6 @@ from app.engine.types import (
     MergeSpec,
 )
 from app.settings import Settings
-from router_index.calibrate import load_calibration
 from router_index.embedder import Embedder
 from router_index.embedding_cache import EmbeddingCache, embedder_identity
 from router_index.router import RouteDecision, Router, RoutingOptions
@@ -101,10 +101,11 @@ class Engine:
             s.cache_dir / "embeddings", embedder_identity(embedder.path, embedder.name,
                                                           embedder.dim),
         ) if s.embedding_cache else None
-        self.router = Router(embedder, routing_defaults(s), cache, s.knn_approximate_above)
+        self.router = Router(embedder, settings_options(s), cache, s.knn_approximate_above)
         routable = {a: self.store.spec(a).exemplars for a in self.store.ids()
                     if self.store.spec(a).exemplars}
         self.router.build(routable, show_progress=show_progress)
+        self.router.defaults = routing_defaults(s, self.router)
         for adapter_id in [s.fallback_adapter, *s.pinned_adapters]:
             if adapter_id is not None and adapter_id not in self.store:
                 raise AdapterNotFoundError(f"adapter {adapter_id!r} of the settings is not "
@@ -468,22 +469,6 @@ def _adapters_of(jobs: list[Job]) -> tuple[str, ...]:
     return tuple(seen)
 
 
-def routing_defaults(settings: Settings) -> RoutingOptions:
-    """The server's routing options: settings, overridden by a calibration file if given
-    (read and validated by `router_index.calibrate.load_calibration`, the one loader)."""
-    options = RoutingOptions(
-        top_k=settings.top_k, temperature=settings.temperature, threshold=settings.threshold,
-        scoring=settings.scoring, sharpening=settings.sharpening,
-        renormalize=settings.renormalize, knn_m=settings.knn_m,
-    )
-    if settings.calibration_file is None:
-        return options
-    calibrated = load_calibration(settings.calibration_file).apply(options)
-    log.info("routing calibrated from %s: tau=%g threshold=%g", settings.calibration_file,
-             calibrated.temperature, calibrated.threshold)
-    return calibrated
-
-
 def _observe_decision(decision: RouteDecision) -> None:
     metrics.ROUTE_TOP_SCORE.observe(decision.top_score)
     if decision.fallback:
@@ -492,4 +477,4 @@ def _observe_decision(decision: RouteDecision) -> None:
         metrics.ROUTING_DECISIONS.labels(adapter=hit.adapter_id).inc()
 
 
-__all__ = ["Blend", "Engine", "EngineStats", "routing_defaults"]
+__all__ = ["Blend", "Engine", "EngineStats"]
