@@ -5,7 +5,7 @@ into `folds` folds (exemplar j of a task goes to fold j mod folds), and each fol
 against an index built from the other folds only, so no query is ever scored against itself.
 The tasks' `eval.jsonl` prompts are never read: they are what the quality benchmark reports.
 Out-of-domain queries are general chat prompts that belong to no task
-(`router_index/ood_prompts.jsonl`, 40 prompts), scored against the same fold indexes.
+(`router_index/ood_prompts.jsonl`, about a hundred), scored against the same fold indexes.
 
 Choices.
 - Temperature: the grid value with the lowest negative log-likelihood of the true task under

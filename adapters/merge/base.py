@@ -5,7 +5,8 @@ A merge method works on the true task vectors of one module, `delta_i = s_i * B_
 
 - `prepare(deltas, params, inputs)`: everything that depends on the adapters alone (trim
   masks, DARE drop masks, NeuroMerging projections, TE relevance masks, Twin SVDs). The
-  engine runs it when adapters are loaded, never per request.
+  engine runs it once per (method, parameters, adapter, module), the first time a request
+  needs it, and memoises it (adapters.virtual.MergeFactory): never again per request.
 - `combine(prepared, weights, params)`: the per-request part, a pure function of the
   prepared tensors and the request's weights (one weight per selected adapter).
 

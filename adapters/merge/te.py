@@ -20,8 +20,9 @@ information". The concrete choices, ours:
   when the router gives the task a small weight) or at its weight (`exclusive_full=False`,
   which makes the merge plain task arithmetic on the pruned deltas).
 
-Pruning is a row mask on the delta, i.e. on B: a pruned adapter stays low-rank, and the
-combination is a per-row coefficient, so the engine can apply `row_coefficients` to B.
+Pruning is a row mask on the delta (on B, for a LoRA delta), and the combination is a per-row
+coefficient on each delta (`row_coefficients`): a merge of K rank-r adapters keeps rank <= K r,
+which "exact" storage turns back into compact factors (adapters.virtual).
 """
 
 from __future__ import annotations

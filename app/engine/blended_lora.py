@@ -50,9 +50,10 @@ class BlendBatch:
 
 
 class BlendContext:
-    """Holds the current forward pass's `BlendBatch`; set by the engine's worker before a step.
+    """Holds the current forward pass's `BlendBatch`.
 
-    One worker thread runs every forward pass, so a plain attribute is enough.
+    Whoever runs a forward pass (the scheduler; TE's activation collection) holds the engine's
+    model lock while it sets, uses and clears this, so a plain attribute is enough.
     """
 
     def __init__(self) -> None:
