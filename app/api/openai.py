@@ -62,6 +62,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     refuse_unsupported(body, body.n)
     check_logprobs(body)
     messages, route_text = chat_texts(body.messages)
+    engine.check_capacity(body.n)  # a full server answers 429 before any work
     prompt = await run_in_threadpool(engine.render_chat, messages)  # templating is CPU work
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     run = await start_run(request, engine, body, body.model, [(prompt, route_text)], rid, body.n)

@@ -191,6 +191,7 @@ async def start_run(
     note_model(request, engine, model)
     check_model(engine, model)
     check_n(settings, n)
+    engine.check_capacity(len(prompts) * n)
     merge = merge_spec(engine, body.merge)
     routing = routing_options(settings, engine, model, body.routing)
     sampling = sampling_params(settings, body)

@@ -272,6 +272,7 @@ class Engine:
     ) -> GenerationStream:
         if check_ready:
             self._check_accepting()
+            self.check_capacity()
         if request.model not in (AUTO_MODEL, BASE_MODEL) and request.model not in self.store:
             raise AdapterNotFoundError(f"model {request.model!r} does not exist", param="model")
         prompt_ids = self.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
@@ -318,6 +319,14 @@ class Engine:
             metrics.QUEUE_DEPTH.inc()
             self._queue.put(job)
         return stream
+
+    def check_capacity(self, requests: int = 1) -> None:
+        """Fail fast (429) when admitting `requests` more would pass the in-flight limit: an
+        overloaded server must say so in milliseconds, before any routing or tokenising."""
+        in_flight = len(self._in_flight)  # a read without the lock: admission re-checks
+        if in_flight + requests > self.settings.max_queue:
+            raise EngineOverloadedError(
+                f"{in_flight} requests in flight, the most this server accepts; retry later")
 
     def _check_accepting(self) -> None:
         if self.dead_reason is not None:

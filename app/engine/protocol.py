@@ -71,6 +71,9 @@ class EngineClient(Protocol):
 
     def refused_adapters(self) -> list[RefusedAdapter]: ...
 
+    def check_capacity(self, requests: int = 1) -> None:
+        """Raise EngineOverloadedError at once when `requests` more would not be admitted."""
+
     def render_chat(self, messages: list[dict[str, str]]) -> str: ...
 
     def routing_options(self, **overrides: object) -> RoutingOptions: ...
