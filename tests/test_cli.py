@@ -86,7 +86,7 @@ def test_route_prints_the_decision(micro_env: dict[str, str],
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.split()[:1] in (
         ["math"], ["cooking"], ["travel"])]
-    assert [r[0] for r in rows][0] == "math" and len(rows) >= 3
+    assert rows[0][0] == "math" and len(rows) >= 3
     assert rows[0][2] != "-" and all(r[2] == "-" for r in rows[1:])  # top-1: math alone
     assert "fallback: False" in out and "nearest exemplars:" in out
 
