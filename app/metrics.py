@@ -107,6 +107,8 @@ class EngineSnapshot:
     host_bytes: int
     disk: int  # servable adapters of the store
     refused: int  # adapters of the store refused at validation
+    merge_entries: int = 0  # virtual adapters in the merge cache
+    merge_bytes: int = 0
 
 
 class EngineStateCollector(Collector):
@@ -163,6 +165,10 @@ class EngineStateCollector(Collector):
         yield tiers
         yield GaugeMetricFamily("dynamerge_host_adapter_bytes",
                                 "Bytes of adapter tensors in host memory", value=snap.host_bytes)
+        yield GaugeMetricFamily("dynamerge_merge_cache_entries",
+                                "Virtual adapters (merges) in the cache", value=snap.merge_entries)
+        yield GaugeMetricFamily("dynamerge_merge_cache_bytes",
+                                "Bytes of the cached virtual adapters", value=snap.merge_bytes)
 
 
 ENGINE_STATE = EngineStateCollector()

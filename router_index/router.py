@@ -21,6 +21,7 @@ Sharpening = Literal["two_stage", "single_stage"]
 # When to fall back to the base model (see `should_fall_back`).
 Fallback = Literal["centroid", "nearest", "learned"]
 FALLBACK_RULES: tuple[str, ...] = ("centroid", "nearest", "learned")
+MIN_TEMPERATURE = 1e-6
 
 
 class RoutingOptionError(ValueError):
@@ -49,8 +50,10 @@ class RoutingOptions:
     def __post_init__(self) -> None:
         if self.top_k < 1:
             raise RoutingOptionError("routing.top_k must be >= 1", "routing.top_k")
-        if not (self.temperature > 0 and math.isfinite(self.temperature)):
-            raise RoutingOptionError("routing.temperature must be > 0", "routing.temperature")
+        # alpha / tau must stay finite: with alpha <= 1, tau >= 1e-6 keeps it under 1e6.
+        if not (self.temperature >= MIN_TEMPERATURE and math.isfinite(self.temperature)):
+            raise RoutingOptionError(f"routing.temperature must be >= {MIN_TEMPERATURE:g}",
+                                     "routing.temperature")
         if not -1.0 <= self.threshold <= 1.0:
             raise RoutingOptionError("routing.threshold must be a cosine in [-1, 1]",
                                      "routing.threshold")

@@ -28,7 +28,7 @@ def test_a_calibration_file_gives_the_defaults_and_explicit_settings_pin(tmp_pat
 def test_a_bad_calibration_file_is_refused_by_name(tmp_path):
     path = tmp_path / "calibration.json"
     path.write_text(json.dumps({"temperature": 0.07, "threshold": 0.31, "sharpening": "twostage"}))
-    with pytest.raises(ValueError, match="calibration.json"):
+    with pytest.raises(ValueError, match=r"calibration\.json"):
         routing_defaults(Settings(calibration_file=path))
 
 

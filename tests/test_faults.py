@@ -35,7 +35,7 @@ TRAVEL = topic_prompts("travel", 1, 4001)[0]
 
 
 def _final(harness: Harness, job):
-    ids, text, reason = tokens_and_text(harness.events(job))
+    ids, _text, reason = tokens_and_text(harness.events(job))
     return reason, ids
 
 

@@ -462,12 +462,14 @@ class Engine:
         with self.residency._lock:
             device = tuple(self.slots.resident("adapter"))
         stats = self.host.stats()
+        merges = self.merging.cache.stats()
         return metrics.EngineSnapshot(
             max_lora=self.settings.max_adapters,
             running_adapters=_adapters_of(started), waiting_adapters=_adapters_of(waiting),
             running=len(started), waiting=len(waiting), device=device,
             host=tuple(self.host.ids()), host_bytes=stats.bytes, disk=len(self.store),
-            refused=len(self.store.refused),
+            refused=len(self.store.refused), merge_entries=merges.entries,
+            merge_bytes=merges.bytes_used,
         )
 
 

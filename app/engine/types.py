@@ -15,6 +15,7 @@ from typing import Literal
 from router_index.router import RouteDecision, RoutingOptions
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
+GREEDY_BELOW = 1e-5  # sampling temperatures under this are greedy decoding
 _ids = itertools.count(1)
 
 
@@ -108,7 +109,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, dividing logits by the temperature overflows: it is greedy anyway.
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass(frozen=True)
