@@ -60,7 +60,7 @@ N_EVAL = 128
 # One process on one core with bf16 autocast: ~1.2 s per step of 8 short examples
 # (sentiment's longer prompts ~2 s).
 DEFAULT_STEPS: dict[str, int] = {
-    "arithmetic": 1300,
+    "arithmetic": 1000,
     "sentiment": 100,
     "json_extract": 100,
     "reverse_words": 300,
