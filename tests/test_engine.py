@@ -143,3 +143,12 @@ def test_incremental_text_holds_back_partial_stops():
     assert "<" not in deltas[3]  # "<" was held back while it could start "<END>"
     deltas, stopped = _feed("plain text", ("zz",))
     assert not stopped and "".join(deltas) == "plain text"
+
+
+def test_token_bytes_join_into_the_text_even_inside_a_character(micro_engine):
+    text = "héllo wörld ✓ naïve"
+    ids = micro_engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    pieces = micro_engine.token_bytes(ids)
+    assert b"".join(pieces).decode() == text
+    # The case is real: decoded one by one, some tokens are halves of a character.
+    assert "".join(micro_engine.token_strings(ids)) != text

@@ -2,7 +2,7 @@
 
 Token texts come from `EngineClient.token_strings`: each token decoded alone, so a token that
 ends inside a UTF-8 character reads as U+FFFD, as in OpenAI's own responses; `bytes` are the
-UTF-8 of that text.
+token's raw bytes (`EngineClient.token_bytes`), so a client can join them into the text.
 """
 
 from __future__ import annotations
@@ -21,17 +21,23 @@ def _finite(logprob: float) -> float:
     return logprob if math.isfinite(logprob) and logprob > FLOOR else FLOOR
 
 
+def _ids(entries: Sequence[TokenLogprob]) -> list[int]:
+    return sorted({e.token_id for e in entries} | {t for e in entries for t, _ in e.top})
+
+
 def _names(engine: EngineClient, entries: Sequence[TokenLogprob]) -> dict[int, str]:
-    ids = sorted({e.token_id for e in entries} | {t for e in entries for t, _ in e.top})
+    ids = _ids(entries)
     return dict(zip(ids, engine.token_strings(ids), strict=True))
 
 
 def chat_logprobs(engine: EngineClient, entries: Sequence[TokenLogprob]) -> ChatLogprobs:
     names = _names(engine, entries)
+    ids = _ids(entries)
+    raw = dict(zip(ids, engine.token_bytes(ids), strict=True))
 
     def one(token_id: int, logprob: float) -> TopLogprob:
-        text = names[token_id]
-        return TopLogprob(token=text, logprob=_finite(logprob), bytes=list(text.encode()))
+        return TopLogprob(token=names[token_id], logprob=_finite(logprob),
+                          bytes=list(raw[token_id]))
 
     return ChatLogprobs(content=[
         ChatTokenLogprob(**vars(one(e.token_id, e.logprob)),

@@ -12,6 +12,7 @@ request it holds exactly once, turns dead, and `health()` says so.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import queue
@@ -248,6 +249,19 @@ class Engine:
         """Each token's own text (for logprobs): byte-level pieces decoded one by one."""
         return [self.tokenizer.decode([t]) for t in token_ids]
 
+    def token_bytes(self, token_ids: Sequence[int]) -> list[bytes]:
+        """Each token's raw bytes: a piece of a multi-byte character is its own bytes, not
+        the U+FFFD its text decodes to (byte-level BPE; other tokenizers: UTF-8 of the text)."""
+        decoder = _byte_decoder()
+        out = []
+        for token_id, piece in zip(token_ids, self.tokenizer.convert_ids_to_tokens(
+                list(token_ids)), strict=True):
+            if piece is not None and all(c in decoder for c in piece):
+                out.append(bytes(decoder[c] for c in piece))
+            else:
+                out.append(self.tokenizer.decode([token_id]).encode())
+        return out
+
     def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
         """The router's embeddings of `texts` and the tokens it read."""
         embedder = self.router.embedder
@@ -471,6 +485,18 @@ class Engine:
             refused=len(self.store.refused), merge_entries=merges.entries,
             merge_bytes=merges.bytes_used,
         )
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte: printable bytes stand for themselves,
+    the other 68 are shifted to code points 256 and up, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + i): b for i, b in enumerate(shifted)})
+    return table
 
 
 def _adapters_of(jobs: list[Job]) -> tuple[str, ...]:
