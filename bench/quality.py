@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -28,16 +28,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+from adapters.zoo.evaluate import EVAL_SETS as _SET_FILES
+from app.engine.calibration import fallback_rule_options
 from app.engine.engine import Engine
 from app.settings import Settings
 from bench.quality_lib import (
     QualityTable,
     RoutingReport,
+    RuleRow,
     Target,
     analyse_routing,
     check_targets,
+    compare_fallback_rules,
     evaluate_rows,
     load_eval_sets,
+    paraphrase_targets,
     token_budget,
 )
 from bench.quality_ood import OOD_EVAL_PROMPTS, OodReport, ood_check
@@ -47,6 +52,7 @@ from bench.quality_report import (
     quality_markdown,
     results_markdown,
     routing_markdown,
+    rules_markdown,
     targets_markdown,
     write_plot,
 )
@@ -58,12 +64,33 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
-class QualityResult:
+class Section:
+    """One held-out set's measurements."""
+
+    name: str  # "eval" (generated) or "paraphrases" (written by hand)
     table: QualityTable
     routing: RoutingReport | None
     targets: list[Target]
+
+
+@dataclass(frozen=True)
+class QualityResult:
+    sections: list[Section]
     ood: OodReport | None
+    rules: list[RuleRow]  # the fallback rules compared on unseen prompts
     markdown: str  # what docs/results.md receives
+
+    @property
+    def table(self) -> QualityTable:  # the generated eval set's, as before paraphrases
+        return self.sections[0].table
+
+    @property
+    def routing(self) -> RoutingReport | None:
+        return self.sections[0].routing
+
+    @property
+    def targets(self) -> list[Target]:
+        return [t for section in self.sections for t in section.targets]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -80,6 +107,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="the engine's torch threads (default: DYNAMERGE_TORCH_THREADS or "
                              "half the cores)")
+    parser.add_argument("--sets", default="eval,paraphrases",
+                        help="held-out sets: eval (generated), paraphrases (hand-written)")
+    parser.add_argument("--no-rules", action="store_true",
+                        help="skip the fallback-rule comparison")
     parser.add_argument("--no-routing", action="store_true", help="skip the routing analysis")
     parser.add_argument("--no-ood", action="store_true", help="skip the out-of-domain check")
     parser.add_argument("--ood-max-tokens", type=int, default=48)
@@ -127,23 +158,41 @@ def run(args: argparse.Namespace, engine: Engine, command: str) -> QualityResult
     if args.calibration is not None:
         calibration = load_calibration(args.calibration)
         defaults = calibration.apply(defaults)
-    eval_sets = load_eval_sets(store, tasks, args.limit)
-    budgets = {t: token_budget(engine, s.answers, args.max_tokens) for t, s in eval_sets.items()}
-
-    table = evaluate_rows(engine, rows, eval_sets, defaults, budgets, progress)
-    routing = None if args.no_routing else analyse_routing(engine, eval_sets, defaults, progress)
-    targets = check_targets(table, routing)
+    wanted = [name.strip() for name in args.sets.split(",") if name.strip()]
+    names = [n for n in wanted if all((store / t / _SET_FILES[n]).is_file() for t in tasks)]
+    sets = {n: load_eval_sets(store, tasks, args.limit, n) for n in names}
     ood = None
     if not args.no_ood:
-        in_domain = routing.fallback_rate if routing is not None else float("nan")
-        ood = ood_check(engine, defaults, in_domain, read_prompts(OOD_EVAL_PROMPTS)[
+        ood = ood_check(engine, defaults, float("nan"), read_prompts(OOD_EVAL_PROMPTS)[
             : args.ood_limit], args.ood_max_tokens, progress)
+    sections = []
+    for name, eval_sets in sets.items():
+        budgets = {t: token_budget(engine, s.answers, args.max_tokens)
+                   for t, s in eval_sets.items()}
+        table = evaluate_rows(engine, rows, eval_sets, defaults, budgets, progress)
+        routing = None if args.no_routing else analyse_routing(engine, eval_sets, defaults,
+                                                               progress)
+        targets = check_targets(table, routing) if name == "eval" else paraphrase_targets(
+            table, routing, ood.fallback_rate if ood is not None else None)
+        sections.append(Section(name, table, routing, targets))
+    if ood is not None and sections and sections[0].routing is not None:
+        ood = replace(ood, in_domain_fallback_rate=sections[-1].routing.fallback_rate)
+    rules: list[RuleRow] = []
+    if not args.no_rules and len(engine.router.index.task_ids) > 1:
+        options = {"centroid @0.25 (the old default)": replace(
+            defaults, fallback="centroid", threshold=0.25, fallback_weights=None)}
+        options.update(fallback_rule_options(engine.router, engine.settings))
+        rules = compare_fallback_rules(engine, options, sets, read_prompts(
+            OOD_EVAL_PROMPTS)[: args.ood_limit], progress)
 
-    print("\n" + quality_markdown(table))
-    if routing is not None:
-        print("\n" + routing_markdown(routing))
-    if targets:
-        print("\n" + targets_markdown(targets))
+    for section in sections:
+        print(f"\n### {section.name}\n\n" + quality_markdown(section.table))
+        if section.routing is not None:
+            print("\n" + routing_markdown(section.routing))
+        if section.targets:
+            print("\n" + targets_markdown(section.targets))
+    if rules:
+        print("\n" + rules_markdown(rules, defaults))
     if ood is not None:
         print("\n" + ood_markdown(ood))
 
@@ -156,19 +205,22 @@ def run(args: argparse.Namespace, engine: Engine, command: str) -> QualityResult
         f"{engine.settings.max_batch_size}",
         seconds=time.perf_counter() - started,
         routing=f"{defaults.scoring} scoring, {defaults.sharpening} sharpening, "
-        f"τ={defaults.temperature:g}, threshold {defaults.threshold:g}"
-        + (f" (from {args.calibration.name})" if calibration is not None else
-           " (the engine's defaults)"),
+        f"τ={defaults.temperature:g}, fallback rule {defaults.fallback}"
+        + (f" (threshold {defaults.threshold:g})" if defaults.fallback != "learned" else "")
+        + (f", from {args.calibration.name}" if calibration is not None else
+           ", the engine's defaults (calibrated for this store)"),
     )
+    calibration = calibration or engine.calibration
     plot = None if args.no_docs else args.plot
-    markdown = results_markdown(info, table, routing, targets, ood, calibration, plot,
-                                args.results.parent)
+    markdown = results_markdown(info, [(s.name, s.table, s.routing, s.targets)
+                                       for s in sections], rules, defaults, ood, calibration,
+                                plot, args.results.parent)
     if not args.no_docs:
-        write_plot(table, args.plot)
+        write_plot([(s.name, s.table) for s in sections], args.plot)
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.write_text(markdown, encoding="utf-8")
         print(f"\nwrote {args.results} and {args.plot}")
-    return QualityResult(table, routing, targets, ood, markdown)
+    return QualityResult(sections, ood, rules, markdown)
 
 
 def main(argv: Sequence[str] | None = None, engine: Engine | None = None) -> QualityResult:

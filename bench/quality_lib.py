@@ -76,11 +76,13 @@ class Target:
     detail: str
 
 
-def load_eval_sets(store: Path, tasks: Sequence[str], limit: int | None) -> dict[str, EvalSet]:
-    """Each task's held-out `eval.jsonl` (first `limit` prompts), via the zoo's own reader."""
+def load_eval_sets(store: Path, tasks: Sequence[str], limit: int | None,
+                   eval_set: str = "eval") -> dict[str, EvalSet]:
+    """Each task's held-out set (first `limit` prompts), via the zoo's own reader: `eval`
+    (generated) or `paraphrases` (written by hand)."""
     sets = {}
     for task in tasks:
-        pairs = load_eval_set(task, store)[:limit]
+        pairs = load_eval_set(task, store, eval_set)[:limit]
         sets[task] = EvalSet(task, [p for p, _ in pairs], [a for _, a in pairs])
     return sets
 
@@ -275,3 +277,73 @@ def _ratio(value: float, reference: float) -> float:
 
 def _is_nan(x: float) -> bool:
     return isinstance(x, float) and math.isnan(x)
+
+
+@dataclass(frozen=True)
+class RuleRow:
+    rule: str  # "centroid", "nearest", "learned", or a label such as "centroid @0.25"
+    per_set: dict[str, tuple[float, float]]  # set -> (routing accuracy, false fallbacks)
+    ood_fallback_rate: float
+
+
+def compare_fallback_rules(
+    engine: Engine, rules: dict[str, RoutingOptions], sets: dict[str, dict[str, EvalSet]],
+    ood_prompts: Sequence[str], progress: bool = True,
+) -> list[RuleRow]:
+    """Each fallback rule on prompts calibration never saw: routing accuracy (routed to the
+    true task first) and false fallbacks per set, and the OOD fallback rate."""
+    rows = []
+    total = len(rules) * (sum(len(s.prompts) for es in sets.values() for s in es.values())
+                          + len(ood_prompts))
+    with tqdm(total=total, desc="fallback rules", unit="route", disable=not progress,
+              leave=False) as bar:
+        for name, options in rules.items():
+            per_set = {}
+            for set_name, eval_sets in sets.items():
+                correct = fell = n = 0
+                for task, eval_set in eval_sets.items():
+                    for prompt in eval_set.prompts:
+                        decision = engine.route(prompt, options)
+                        fell += decision.fallback
+                        correct += bool(decision.hits) and decision.hits[0].adapter_id == task
+                        n += 1
+                        bar.update(1)
+                per_set[set_name] = (correct / n, fell / n)
+            caught = 0
+            for prompt in ood_prompts:
+                caught += engine.route(prompt, options).fallback
+                bar.update(1)
+            rows.append(RuleRow(name, per_set, caught / max(len(ood_prompts), 1)))
+    return rows
+
+
+def paraphrase_targets(table: QualityTable, routing: RoutingReport | None,
+                       ood_fallback_rate: float | None) -> list[Target]:
+    """Issue #12's targets on the hand-written paraphrase sets."""
+    targets = []
+    experts = {t: f"ft:{t}" for t in table.tasks if f"ft:{t}" in table.accuracy}
+    for key, bound in (("top1", 0.99), ("top3", 0.97)):
+        if key in table.accuracy and len(experts) == len(table.tasks):
+            ratios = {t: _ratio(table.accuracy[key][t], table.accuracy[experts[t]][t])
+                      for t in table.tasks}
+            worst = min(ratios, key=lambda t: ratios[t])
+            targets.append(Target(
+                f"dynamic {key} >= {100 * bound:.0f}% of each expert (paraphrases)",
+                all(r >= bound for r in ratios.values()),
+                f"worst: {worst} at {100 * ratios[worst]:.1f}% of FT-{worst}"))
+    for task in experts:
+        targets.append(Target(
+            f"FT-{task} >= 85% on its own paraphrases",
+            table.accuracy[experts[task]][task] >= 0.85,
+            f"{100 * table.accuracy[experts[task]][task]:.1f}%"))
+    if routing is not None:
+        targets.append(Target("routing top-1 >= 97% on paraphrases",
+                              routing.top1_accuracy >= 0.97,
+                              f"{100 * routing.top1_accuracy:.1f}%"))
+        targets.append(Target("false fallbacks <= 2% on paraphrases",
+                              routing.fallback_rate <= 0.02,
+                              f"{100 * routing.fallback_rate:.1f}%"))
+    if ood_fallback_rate is not None:
+        targets.append(Target(">= 90% of out-of-domain prompts fall back",
+                              ood_fallback_rate >= 0.9, f"{100 * ood_fallback_rate:.1f}%"))
+    return targets

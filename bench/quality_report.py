@@ -7,9 +7,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.quality_lib import QualityTable, RoutingReport, Target
+from bench.quality_lib import QualityTable, RoutingReport, RuleRow, Target
 from bench.quality_ood import OodReport
 from router_index.calibrate import Calibration, format_tables
+from router_index.router import RoutingOptions
+
+SET_TITLES = {
+    "eval": "held-out `eval.jsonl` (made by the same generators as the training data)",
+    "paraphrases": "hand-written `paraphrases.jsonl` (phrased freely; no generator made them)",
+}
 
 
 @dataclass(frozen=True)
@@ -47,13 +53,32 @@ def _label(table: QualityTable, key: str) -> str:
     return next(r.label for r in table.rows if r.key == key)
 
 
+def rules_markdown(rules: Sequence[RuleRow], defaults: RoutingOptions) -> str:
+    """The fallback rules side by side, on prompts calibration never saw."""
+    sets = list(rules[0].per_set) if rules else []
+    head = " | ".join(f"{s}: routed right | {s}: false fallbacks" for s in sets)
+    lines = [
+        "Each rule as calibration places it (no cross-fitted exemplar may fall back; then as "
+        "many calibration OOD prompts as possible), measured on sets calibration never saw: "
+        "the held-out sets below and `bench/data/ood_eval.jsonl`. The server uses "
+        f"**{defaults.fallback}**.",
+        "",
+        f"| rule | {head} | OOD fallback |",
+        "|---|" + "---:|" * (2 * len(sets) + 1),
+    ]
+    for r in rules:
+        cells = " | ".join(f"{pct(r.per_set[s][0])}% | {pct(r.per_set[s][1])}%" for s in sets)
+        lines.append(f"| {r.rule} | {cells} | {pct(r.ood_fallback_rate)}% |")
+    return "\n".join(lines)
+
+
 def routing_markdown(report: RoutingReport) -> str:
     """Routing accuracy, the confusion matrix (true task x top-1 task) and the true weight."""
     cols = [c for c in next(iter(report.confusion.values()))]
     o = report.options
     lines = [
-        f"Routing on the same held-out eval prompts (scoring {o.scoring}, {o.sharpening} "
-        f"sharpening, τ={o.temperature:g}, threshold {o.threshold:g}): top-1 accuracy "
+        f"Routing on the same prompts (scoring {o.scoring}, {o.sharpening} "
+        f"sharpening, τ={o.temperature:g}, fallback rule {o.fallback}): top-1 accuracy "
         f"**{100 * report.top1_accuracy:.1f}%**, mean weight on the true task "
         f"**{report.mean_true_weight:.4f}**, false fallbacks {100 * report.fallback_rate:.1f}%.",
         "",
@@ -78,13 +103,13 @@ def ood_markdown(ood: OodReport) -> str:
     same_r, n_r = ood.identical_when_routed
     lines = [
         f"{ood.n_prompts} held-out general chat prompts (`bench/data/ood_eval.jsonl`, none of "
-        f"them used by `dynamerge calibrate`), threshold {ood.threshold:g}, greedy answers of "
+        f"them used by `dynamerge calibrate`), greedy answers of "
         f"up to {ood.max_tokens} tokens:",
         "",
         "| measure | value |",
         "|---|---:|",
         f"| OOD prompts that fall back to the base model | {pct(ood.fallback_rate)}% |",
-        f"| in-domain eval prompts that fall back (false fallbacks) | "
+        f"| in-domain hand-written prompts that fall back (false fallbacks) | "
         f"{pct(ood.in_domain_fallback_rate)}% |",
         f"| fallbacks whose `auto` answer is identical to `base` | {same_f}/{n_f} |",
         f"| routed OOD prompts whose answer still equals `base` | {same_r}/{n_r} |",
@@ -95,39 +120,41 @@ def ood_markdown(ood: OodReport) -> str:
     return "\n".join(lines)
 
 
-def write_plot(table: QualityTable, path: Path) -> None:
-    """Grouped bars: one group per task (and the average), one bar per non-expert row."""
+def write_plot(tables: Sequence[tuple[str, QualityTable]], path: Path) -> None:
+    """Grouped bars per set: one group per task (and the average), one bar per non-expert
+    row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in table.rows if r.group != "expert"]
-    groups = [*table.tasks, "AVG"]
-    width = 0.8 / max(len(rows), 1)
-    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(groups)), 4.5))
+    fig, axes = plt.subplots(len(tables), 1, figsize=(12, 4.2 * len(tables)), squeeze=False)
     cmap = plt.get_cmap("tab10")
-    for i, row in enumerate(rows):
-        values = [table.accuracy[row.key][t] for t in table.tasks] + [table.average(row.key)]
-        xs = [g + (i - (len(rows) - 1) / 2) * width for g in range(len(groups))]
-        ax.bar(xs, [0 if math.isnan(v) else 100 * v for v in values], width,
-               label=row.label, color=cmap(i % 10))
-    ax.set_xticks(range(len(groups)), groups, rotation=15)
-    ax.set_ylabel("exact match (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title("Per-task exact match: base, static merges, dynamic routing-merging, oracle")
-    ax.legend(fontsize=7, ncols=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    for ax, (name, table) in zip(axes[:, 0], tables, strict=True):
+        rows = [r for r in table.rows if r.group != "expert"]
+        groups = [*table.tasks, "AVG"]
+        width = 0.8 / max(len(rows), 1)
+        for i, row in enumerate(rows):
+            values = [table.accuracy[row.key][t] for t in table.tasks] + [table.average(row.key)]
+            xs = [g + (i - (len(rows) - 1) / 2) * width for g in range(len(groups))]
+            ax.bar(xs, [0 if math.isnan(v) else 100 * v for v in values], width,
+                   label=row.label, color=cmap(i % 10))
+        ax.set_xticks(range(len(groups)), groups, rotation=15)
+        ax.set_ylabel("exact match (%)")
+        ax.set_ylim(0, 100)
+        ax.set_title(f"{name}: base, static merges, dynamic routing-merging, oracle")
+        ax.legend(fontsize=7, ncols=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
 def results_markdown(
     info: RunInfo,
-    table: QualityTable,
-    routing: RoutingReport | None,
-    targets: Sequence[Target],
+    sections: Sequence[tuple[str, QualityTable, RoutingReport | None, Sequence[Target]]],
+    rules: Sequence[RuleRow],
+    defaults: RoutingOptions,
     ood: OodReport | None,
     calibration: Calibration | None,
     plot: Path | None,
@@ -138,38 +165,32 @@ def results_markdown(
         "# Results",
         "",
         f"Generated by `{info.command}` on {info.date} ({info.zoo} zoo, "
-        f"{'all' if info.limit is None else info.limit} eval prompts per task, {info.device}, "
-        f"{info.seconds / 60:.1f} min). Exact match uses the zoo's scorer "
-        "(`adapters.zoo.tasks.answers_match`: stripped text; JSON parsed for json_extract); "
-        "greedy decoding through the engine's real path (continuous batching).",
+        f"{'all' if info.limit is None else info.limit} prompts per task and set, "
+        f"{info.device}, {info.seconds / 60:.1f} min). Exact match uses the zoo's scorer "
+        "(`adapters.zoo.tasks.answers_match`: stripped text; numbers compared by value; JSON "
+        "parsed for json_extract); greedy decoding through the engine's real path "
+        "(continuous batching).",
         "",
-        "## Quality (TR-Merging Table 1 shape)",
-        "",
-        f"Exact match in percent on each task's held-out `eval.jsonl`. FT-x: expert x alone. "
-        "Static merges of all experts: weight averaging (linear, 1/N each), task arithmetic "
-        "(linear, 0.3 each), TIES / DARE-TIES / NeuroMerging (weight 1 each, default "
-        "parameters: density 0.2, drop rate 0.5, mask ratio 0.15; stored exactly). Dynamic "
-        f"rows route each prompt with {info.routing}; weights are alpha_hat, not "
-        "re-normalised (Eq. 9). Oracle: the true task's expert. TIME: wall time of the row "
-        "here (identical requests within a row are generated once).",
-        "",
-        quality_markdown(table),
+        "FT-x: expert x alone. Static merges of all experts: weight averaging (linear, 1/N "
+        "each), task arithmetic (linear, 0.3 each), TIES / DARE-TIES / NeuroMerging (weight 1 "
+        "each, default parameters: density 0.2, drop rate 0.5, mask ratio 0.15; stored "
+        f"exactly). Dynamic rows route each prompt with {info.routing}; weights are "
+        "alpha_hat, not re-normalised (Eq. 9). Oracle: the true task's expert. TIME: wall "
+        "time of the row here (identical requests within a row are generated once).",
     ]
     if plot is not None:
         parts += ["", f"![quality]({_relative(plot, docs_dir)})"]
-    if targets:
-        parts += ["", "## Targets", "", targets_markdown(targets)]
-    if routing is not None:
-        parts += ["", "## Routing", "", routing_markdown(routing)]
+    for name, table, routing, targets in sections:
+        parts += ["", f"## Quality on the {SET_TITLES.get(name, name)}", "",
+                  quality_markdown(table)]
+        if targets:
+            parts += ["", "### Targets", "", targets_markdown(targets)]
+        if routing is not None:
+            parts += ["", "### Routing", "", routing_markdown(routing)]
+    if rules:
+        parts += ["", "## Fallback rules compared", "", rules_markdown(rules, defaults)]
     if calibration is not None:
-        parts += [
-            "", "## Calibration (`dynamerge calibrate`)", "",
-            f"Chosen on {calibration.chosen_at}: temperature **{calibration.temperature:g}**, "
-            f"threshold **{calibration.threshold:g}** (at most "
-            f"{100 * float(calibration.data.get('max_false_fallback', 0)):.0f}% in-domain "
-            "fallbacks allowed; the tasks' eval prompts are never used).",
-            "", format_tables(calibration),
-        ]
+        parts += ["", "## Calibration", "", format_tables(calibration)]
     if ood is not None:
         parts += ["", "## Out-of-domain prompts", "", ood_markdown(ood)]
     return "\n".join(parts) + "\n"

@@ -42,5 +42,3 @@ def micro_engine(micro_settings: Settings) -> Engine:
     engine.shutdown()
 
 
-def demo_cache_dir() -> Path:
-    return Path(os.environ.get("DYNAMERGE_CACHE_DIR", Path.home() / ".cache" / "dynamerge"))

@@ -28,6 +28,8 @@ from router_index.calibrate import (
     OOD_PROMPTS,
     Calibration,
     calibrate,
+    fallback_rules,
+    held_out_scores,
     load_calibration,
     read_prompts,
     write_calibration,
@@ -69,10 +71,16 @@ def fingerprint(router: Router, settings: Settings, ood: list[str], folds: int =
 
 def routing_defaults(settings: Settings, router: Router | None = None) -> RoutingOptions:
     """The options the engine routes with when a request overrides nothing."""
+    return resolve(settings, router)[0]
+
+
+def resolve(settings: Settings, router: Router | None = None
+            ) -> tuple[RoutingOptions, Calibration | None]:
+    """The routing defaults and the calibration they come from (None: the settings')."""
     options = settings_options(settings)
     calibration = _calibration(settings, router)
     if calibration is None:
-        return options
+        return options, None
     calibrated = calibration.apply(options)
     pinned = {name: getattr(options, name) for name in _PINNABLE
               if name in settings.model_fields_set}
@@ -83,7 +91,7 @@ def routing_defaults(settings: Settings, router: Router | None = None) -> Routin
         calibrated = replace(calibrated, **pinned)
     log.info("routing: tau=%g (%s), fallback rule %s, threshold %g", calibrated.temperature,
              calibrated.sharpening, calibrated.fallback, calibrated.threshold)
-    return calibrated
+    return calibrated, calibration
 
 
 def _calibration(settings: Settings, router: Router | None) -> Calibration | None:
@@ -153,6 +161,19 @@ def store_calibration(
     )
     write_calibration(calibration, path)
     return calibration
+
+
+def fallback_rule_options(router: Router, settings: Settings) -> dict[str, RoutingOptions]:
+    """Every fallback rule as the calibration would place it for this store, on top of the
+    router's own defaults (the quality benchmark compares them on prompts calibration never
+    saw)."""
+    index = router.index
+    held = held_out_scores({t: index.vectors_of(t)[1] for t in index.task_ids},
+                           router.embedder.encode(read_prompts(OOD_PROMPTS)), _FOLDS,
+                           settings.scoring, settings.knn_m)
+    _, rules = fallback_rules(held, 0.0)
+    return {rule: replace(router.defaults, fallback=o.fallback, threshold=o.threshold,
+                          fallback_weights=o.fallback_weights) for rule, o in rules.items()}
 
 
 def standalone_router(settings: Settings) -> Router:

@@ -32,7 +32,8 @@ from adapters.virtual import VirtualAdapter
 from app import metrics
 from app.engine.base_model import load_base_model
 from app.engine.blended_lora import BlendContext, install_blended_layers
-from app.engine.calibration import routing_defaults, settings_options
+from app.engine.calibration import resolve as resolve_routing
+from app.engine.calibration import settings_options
 from app.engine.device_slots import DeviceSlots
 from app.engine.merging import Merging, task_inputs_collector
 from app.engine.protocol import AdapterInfo, EngineStats, Health, RefusedAdapter
@@ -106,7 +107,7 @@ class Engine:
         routable = {a: self.store.spec(a).exemplars for a in self.store.ids()
                     if self.store.spec(a).exemplars}
         self.router.build(routable, show_progress=show_progress)
-        self.router.defaults = routing_defaults(s, self.router)
+        self.router.defaults, self.calibration = resolve_routing(s, self.router)
         for adapter_id in [s.fallback_adapter, *s.pinned_adapters]:
             if adapter_id is not None and adapter_id not in self.store:
                 raise AdapterNotFoundError(f"adapter {adapter_id!r} of the settings is not "
