@@ -1,0 +1,34 @@
+"""The shape of DESIGN.md section 2: imports run one way, app -> router_index, adapters."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("package", ["adapters", "router_index"])
+def test_libraries_import_nothing_from_the_service(package: str) -> None:
+    offenders = [str(p.relative_to(ROOT)) for p in (ROOT / package).rglob("*.py")
+                 if "app" in _imports(p)]
+    assert offenders == []
+
+
+def test_the_engine_knows_no_http() -> None:
+    offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "app" / "engine").rglob("*.py")
+                 if _imports(p) & {"fastapi", "starlette", "uvicorn", "httpx"}]
+    assert offenders == []
