@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     calibrate.add_argument("--ood", type=Path, default=None,
                            help="JSONL of out-of-domain prompts (default: the packaged 40)")
     calibrate.add_argument("--folds", type=int, default=4, help="cross-fitting folds")
-    calibrate.add_argument("--max-false-fallback", type=float, default=0.0,
+    calibrate.add_argument("--max-false-fallback", type=float, default=0.01,
                            help="share of in-domain prompts allowed to fall back")
     calibrate.add_argument("--top-k", type=int, default=None, help="also fix top_k")
 
