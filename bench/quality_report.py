@@ -58,8 +58,9 @@ def rules_markdown(rules: Sequence[RuleRow], defaults: RoutingOptions) -> str:
     sets = list(rules[0].per_set) if rules else []
     head = " | ".join(f"{s}: routed right | {s}: false fallbacks" for s in sets)
     lines = [
-        "Each rule as calibration places it (no cross-fitted exemplar may fall back; then as "
-        "many calibration OOD prompts as possible), measured on sets calibration never saw: "
+        "Each rule as calibration places it (at most 1% of the cross-fitted exemplars may fall "
+        "back; then as many calibration OOD prompts as possible), measured on sets calibration "
+        "never saw: "
         "the held-out sets below and `bench/data/ood_eval.jsonl`. The server uses "
         f"**{defaults.fallback}**.",
         "",
