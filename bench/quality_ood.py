@@ -1,6 +1,6 @@
 """Out-of-domain check: general chat prompts that belong to no task should reach the base model.
 
-Measured on `bench/data/ood_eval.jsonl`, 40 general chat prompts kept apart from the 40 that
+Measured on `bench/data/ood_eval.jsonl`, ~100 general chat prompts kept apart from the ~100 that
 `dynamerge calibrate` sets the threshold on (`router_index/ood_prompts.jsonl`). Each prompt
 is answered twice through the engine, with model "auto" and with model "base"; where routing
 falls back the two answers must be identical (the fallback path is the base model, untouched).
