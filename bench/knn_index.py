@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -28,7 +29,10 @@ from tqdm.auto import tqdm
 
 from adapters.zoo.synth import _EVAL_SUFFIXES, _EXEMPLAR_SUFFIXES, DOMAINS, FACETS, topic_prompts
 from router_index.embedder import Embedder
+from router_index.embedding_cache import EmbeddingCache, embedder_identity
 from router_index.index import IVF_NPROBE, _exemplar_index
+
+OUT = Path(__file__).resolve().parent / "out"  # the embeddings are cached here between runs
 
 
 def _texts() -> tuple[list[str], list[str]]:
@@ -63,8 +67,11 @@ def main() -> None:
     exemplar_texts, query_texts = _texts()
     rng = np.random.default_rng(0)
     query_texts = [query_texts[i] for i in rng.permutation(len(query_texts))[: args.queries]]
-    base = np.concatenate([embedder.encode(exemplar_texts[i:i + 512]) for i in tqdm(
-        range(0, len(exemplar_texts), 512), desc="embedding exemplars", unit="batch")])
+    cache = EmbeddingCache(OUT / "embeddings", embedder_identity(embedder.path, embedder.name,
+                                                                 embedder.dim))
+    base = np.concatenate([cache.get_or_embed(tuple(exemplar_texts[i:i + 512]), embedder.encode)
+                           for i in tqdm(range(0, len(exemplar_texts), 512),
+                                         desc="embedding exemplars", unit="batch")])
     queries = embedder.encode(query_texts)
     print(f"\n{len(base)} real exemplars, {len(queries)} queries, m={args.m}, "
           f"IVF nprobe={IVF_NPROBE}, 1 thread\n")
