@@ -125,6 +125,10 @@ class Settings(BaseSettings):
     """Requests waiting or running beyond this get 429."""
     max_batch_size: int = Field(default=16, ge=1, le=1024)
     """Sequences decoded or prefilled at once (continuous batching)."""
+    prefill_threads: int | None = Field(default=None, ge=1, le=1024)
+    """torch threads for prefill forwards (compute-bound, unlike decoding); unset: the same as
+    `torch_threads`. More than `torch_threads` lends the cores that routing and HTTP use to
+    prefill, which pays only while those are idle."""
     max_step_tokens: int = Field(default=256, ge=16, le=65536)
     """Token budget of one engine step: one per decoding row, the rest prefills waiting
     prompts together, a long one in chunks. Larger: faster time to first token and more

@@ -483,6 +483,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="the engine's torch intra-op threads (default: the engine's own, "
                              "DYNAMERGE_TORCH_THREADS or half the cores)")
+    parser.add_argument("--prefill-threads", type=int, default=None,
+                        help="the engine's torch threads for prefill (default: its setting)")
     parser.add_argument("--step-tokens", type=int, default=None,
                         help="the engine's per-step token budget (default: its setting)")
     default_out = Path(__file__).parent / "out" / "throughput.png"
@@ -501,6 +503,7 @@ def main() -> None:
             "max_queue": max(settings.max_queue, max(args.levels)),
             "torch_threads": args.threads or settings.torch_threads,
             "max_step_tokens": args.step_tokens or settings.max_step_tokens,
+            "prefill_threads": args.prefill_threads or settings.prefill_threads,
         })
         engine = Engine(settings)
         engine.load(show_progress=False)

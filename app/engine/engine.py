@@ -120,6 +120,7 @@ class Engine:
         self.scheduler = Scheduler(
             self.model, self.context, self.tokenizer, self.eos_ids, self.model_lock,
             s.max_batch_size, s.max_step_tokens, self._release, self._constraint_for,
+            s.prefill_threads,
         )
         self._worker = threading.Thread(target=self._work, name="dynamerge-engine", daemon=True)
         self._worker.start()
