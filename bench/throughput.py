@@ -555,7 +555,7 @@ def measure(
     prompts: list[Prompt],
 ) -> list[LevelResult]:
     """Warm every system up, then run level by level (systems side by side in time)."""
-    systems = [s for s in SYSTEMS if s in clients]
+    systems = [s for s in SYSTEMS if s in clients and s in args.systems]
     for system in systems:
         run_level(workload, system + "*", clients[system], prompts, 2, 2)  # warm-up, discarded
     results = []
