@@ -51,7 +51,7 @@ from router_index.router import (
 )
 
 if TYPE_CHECKING:
-    from router_index.embedder import Embedder
+    pass
 
 OOD_PROMPTS = Path(__file__).resolve().parent / "ood_prompts.jsonl"
 # Two-stage sharpening acts on softmax(s), whose entries differ by a few hundredths, so it
@@ -307,22 +307,6 @@ def threshold_row(held: HeldOutScores, threshold: float) -> ThresholdRow:
     )
 
 
-def choose_threshold(held: HeldOutScores, max_false_fallback: float) -> float:
-    """The threshold that maximises OOD fallbacks with at most `max_false_fallback` in-domain.
-
-    Args:
-        held: held-out scores.
-        max_false_fallback: largest share of in-domain queries allowed to fall back, in [0, 1).
-
-    Returns:
-        A threshold in the middle of the gap between the highest OOD top score below it and
-        the lowest in-domain top score allowed to stay above it.
-    """
-    cut = place_threshold(held.scores.max(axis=1), held.ood_scores.max(axis=1),
-                          max_false_fallback)
-    return float(np.clip(cut, -1.0, 1.0))
-
-
 def fallback_rules(
     held: HeldOutScores, max_false_fallback: float
 ) -> tuple[list[FallbackRow], dict[str, RoutingOptions]]:
@@ -426,35 +410,6 @@ def calibrate(
         thresholds=tuple(threshold_row(held, t) for t in grid_rows),
         rules=tuple(rule_rows),
     )
-
-
-def calibrate_store(
-    store: Path,
-    embedder: Embedder,
-    ood_prompts: Sequence[str],
-    adapter_ids: Sequence[str] | None = None,
-    **kwargs: object,
-) -> Calibration:
-    """`calibrate` on the exemplars of the adapters in `store`, embedded by `embedder`.
-
-    Args:
-        store: the adapter store (one directory per adapter, each with exemplars.jsonl).
-        embedder: the router's embedder.
-        ood_prompts: out-of-domain prompts.
-        adapter_ids: the adapters to calibrate over; every one in the store when None.
-        **kwargs: passed to `calibrate`.
-    """
-    from adapters.registry import list_store, read_exemplars, resolve_adapter_dir
-
-    ids = list(adapter_ids) if adapter_ids is not None else list_store(Path(store))
-    exemplars = {}
-    for adapter_id in ids:
-        texts = read_exemplars(resolve_adapter_dir(Path(store), adapter_id) / "exemplars.jsonl")
-        if texts:
-            exemplars[adapter_id] = embedder.encode(list(texts))
-    if not exemplars:
-        raise ValueError(f"no adapter with exemplars in {store}")
-    return calibrate(exemplars, embedder.encode(list(ood_prompts)), **kwargs)  # type: ignore[arg-type]
 
 
 def format_tables(calibration: Calibration) -> str:

@@ -22,13 +22,13 @@ from router_index.calibrate import (
     TemperatureRow,
     calibrate,
     choose_temperature,
-    choose_threshold,
     held_out_scores,
     load_calibration,
     read_prompts,
     threshold_row,
     write_calibration,
 )
+from router_index.fallback import place_threshold
 from router_index.router import RoutingOptions, fallback_features, sharpen, should_fall_back
 
 
@@ -39,9 +39,14 @@ def _held(inside: list[float], ood: list[float]) -> HeldOutScores:
                          np.array([[s, s - 0.1] for s in ood]))
 
 
+def _cut(held: HeldOutScores, max_false_fallback: float) -> float:
+    return place_threshold(held.scores.max(axis=1), held.ood_scores.max(axis=1),
+                           max_false_fallback)
+
+
 def test_threshold_sits_in_the_middle_of_the_gap() -> None:
     held = _held([0.5, 0.6, 0.7, 0.8], [0.1, 0.2, 0.3])
-    threshold = choose_threshold(held, max_false_fallback=0.0)
+    threshold = _cut(held, max_false_fallback=0.0)
     assert threshold == pytest.approx(0.4)
     row = threshold_row(held, threshold)
     assert (row.fallback_rate, row.routing_accuracy, row.ood_fallback_rate) == (0.0, 1.0, 1.0)
@@ -49,10 +54,10 @@ def test_threshold_sits_in_the_middle_of_the_gap() -> None:
 
 def test_threshold_never_drops_more_in_domain_prompts_than_allowed() -> None:
     held = _held([0.25, 0.6, 0.7, 0.8], [0.1, 0.2, 0.3, 0.55])
-    strict = choose_threshold(held, max_false_fallback=0.0)
+    strict = _cut(held, max_false_fallback=0.0)
     assert strict == pytest.approx(0.225)  # below 0.25: between the OOD 0.2 and it
     assert threshold_row(held, strict).fallback_rate == 0.0
-    loose = choose_threshold(held, max_false_fallback=0.25)  # one of four may fall back
+    loose = _cut(held, max_false_fallback=0.25)  # one of four may fall back
     assert loose == pytest.approx(0.575)
     row = threshold_row(held, loose)
     assert row.fallback_rate == 0.25 and row.ood_fallback_rate == 1.0
