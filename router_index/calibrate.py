@@ -34,7 +34,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -49,9 +48,6 @@ from router_index.router import (
     fallback_features,
     should_fall_back,
 )
-
-if TYPE_CHECKING:
-    pass
 
 OOD_PROMPTS = Path(__file__).resolve().parent / "ood_prompts.jsonl"
 # Two-stage sharpening acts on softmax(s), whose entries differ by a few hundredths, so it
