@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     """centroid = exact Eq. 5; knn = Eq. 5 over the query's nearest exemplars only."""
     knn_m: int = Field(default=10, ge=1)
     """Exemplars considered by the knn scoring mode."""
+    min_weight: float = Field(default=0.001, ge=0, lt=1)
+    """Routed adapters (after the best) weighing less than this are left out: each would
+    need a device slot and a share of every forward pass for a delta at a thousandth of its
+    strength. 0 keeps every top-K hit, as Eq. 9 does."""
     renormalize: bool = False
     """Re-normalise the K kept weights to sum to 1 (Eq. 9 keeps alpha_hat as is)."""
     embedding_cache: bool = True

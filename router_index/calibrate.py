@@ -53,7 +53,10 @@ OOD_PROMPTS = Path(__file__).resolve().parent / "ood_prompts.jsonl"
 # Two-stage sharpening acts on softmax(s), whose entries differ by a few hundredths, so it
 # needs a much smaller tau than the single-stage softmax(s / tau) for the same sharpness.
 TEMPERATURE_GRIDS: dict[str, tuple[float, ...]] = {
-    "two_stage": (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1),
+    # softmax(s) spreads over N tasks (entries ~1/N), so a large store needs a tau near 1/N:
+    # at 1,000 tasks tau = 0.001 still left the best task 0.002 of the weight.
+    "two_stage": (1e-6, 1e-5, 5e-5, 1e-4, 2e-4, 5e-4, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05,
+                  0.1),
     "single_stage": (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2),
 }
 THRESHOLD_GRID = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5)

@@ -43,6 +43,9 @@ class RoutingOptions:
     scoring: Scoring = "centroid"
     sharpening: Sharpening = "two_stage"
     renormalize: bool = False  # re-normalise the K kept weights to sum to 1
+    # Drop hits (after the best) whose weight is below this: with a calibrated temperature the
+    # runners-up of a large store weigh ~1e-6, and each still needs a device slot. 0: Eq. 9.
+    min_weight: float = 0.0
     knn_m: int = 10  # exemplars considered by the knn scoring mode
     adapters: tuple[str, ...] | None = None  # restrict routing to these ids
     explain: int = 5  # nearest exemplars of the top_k best-scoring tasks, reported with it
@@ -62,6 +65,8 @@ class RoutingOptions:
         if self.scoring not in ("centroid", "knn"):
             raise RoutingOptionError("routing.scoring must be 'centroid' or 'knn'",
                                      "routing.scoring")
+        if not 0.0 <= self.min_weight < 1.0:
+            raise RoutingOptionError("routing.min_weight must be in [0, 1)", "routing.min_weight")
         if self.fallback not in FALLBACK_RULES:
             raise RoutingOptionError(f"routing.fallback must be one of {', '.join(FALLBACK_RULES)}",
                                      "routing.fallback")
@@ -174,6 +179,7 @@ def decide(
         return (), True
     weights = sharpen(scores.astype(np.float64), options.temperature, options.sharpening)
     top = np.argsort(-weights, kind="stable")[: options.top_k]
+    top = top[(weights[top] >= options.min_weight) | (np.arange(len(top)) == 0)]
     kept = weights[top]
     if options.renormalize:
         kept = kept / kept.sum()

@@ -21,7 +21,7 @@ def micro_zoo(tmp_path_factory: pytest.TempPathFactory) -> MicroZoo:
 
 @pytest.fixture(scope="session")
 def micro_settings(micro_zoo: MicroZoo, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    # Routing by the documented settings defaults, not by a calibration of the random micro
+    # Routing by the documented settings defaults (and Eq. 9's full top-K), not by a calibration of the random micro
     # zoo, so that tests can reason about weights and fallbacks (test_calibration_file.py
     # covers start-up calibration).
     return Settings(
@@ -29,6 +29,7 @@ def micro_settings(micro_zoo: MicroZoo, tmp_path_factory: pytest.TempPathFactory
         adapter_store=micro_zoo.store_dir,
         cache_dir=tmp_path_factory.mktemp("cache"),
         calibration="off",
+        min_weight=0.0,  # every top-K hit, as Eq. 9 has it
     )
 
 

@@ -146,7 +146,7 @@ def test_merge_preview_for_adapters_and_for_a_routed_prompt(http: httpx.Client) 
     assert 0 < body["removed_mass"]["ties"]["math"] < 1
     assert set(body["parallel_fraction"]) == {"math", "cooking"}
     routed = http.post("/v1/merge/preview", json={
-        "prompt": MATH, "routing": {"top_k": 2}, "max_modules": 4}).json()
+        "prompt": MATH, "routing": {"top_k": 2, "min_weight": 0}, "max_modules": 4}).json()
     assert routed["adapters"][0] == "math" and len(routed["adapters"]) == 2
 
 

@@ -119,3 +119,18 @@ def test_restricting_and_explaining(micro_engine):
         micro_engine.route(prompt, micro_engine.router.options(adapters=("nope",)))
     knn = micro_engine.route(prompt, micro_engine.router.options(scoring="knn", threshold=-1.0))
     assert knn.hits[0].adapter_id == "math"
+
+
+def test_min_weight_drops_light_runners_up_but_never_the_best():
+    from router_index.router import decide
+
+    scores = np.array([0.9, 0.5, 0.49, 0.1])
+    options = RoutingOptions(top_k=3, temperature=0.02, threshold=0.0, min_weight=0.05,
+                             sharpening="single_stage")
+    hits, fallback = decide(("a", "b", "c", "d"), scores, options)
+    assert not fallback and [h.adapter_id for h in hits] == ["a"]
+    everything = decide(("a", "b", "c", "d"), scores, RoutingOptions(
+        top_k=3, temperature=0.5, threshold=0.0, min_weight=0.05, sharpening="single_stage"))[0]
+    assert [h.adapter_id for h in everything] == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="min_weight"):
+        RoutingOptions(min_weight=1.0)

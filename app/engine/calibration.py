@@ -38,7 +38,7 @@ from router_index.router import Router, RoutingOptions
 
 log = logging.getLogger(__name__)
 STORE_FILE = "calibration.json"  # a calibration shipped inside an adapter store
-_VERSION = "2"  # bump when the procedure changes: cached results then miss
+_VERSION = "3"  # bump when the procedure changes: cached results then miss
 _FOLDS = 4
 # In-domain exemplars allowed to fall back when a rule is placed. Zero lets the single most
 # atypical exemplar decide the threshold: on the demo zoo that caught 64.5% of the OOD
@@ -52,7 +52,7 @@ def settings_options(settings: Settings) -> RoutingOptions:
     return RoutingOptions(
         top_k=settings.top_k, temperature=settings.temperature, threshold=settings.threshold,
         scoring=settings.scoring, sharpening=settings.sharpening,
-        renormalize=settings.renormalize, knn_m=settings.knn_m,
+        renormalize=settings.renormalize, knn_m=settings.knn_m, min_weight=settings.min_weight,
     )
 
 

@@ -35,6 +35,7 @@ class RoutingParams(_Strict):
     scoring: Literal["centroid", "knn"] | None = None
     sharpening: Literal["two_stage", "single_stage"] | None = None
     renormalize: bool | None = None
+    min_weight: float | None = Field(default=None, ge=0, lt=1)  # drop lighter runners-up
     knn_m: Whole(ge=1, le=1024) | None = None
     adapters: list[str] | None = None
     explain: Whole(ge=0, le=100) | None = None
