@@ -132,8 +132,9 @@ def run_soak(store: Path, base_model: Path, requests: int = 10_000, clients: int
            "DYNAMERGE_ADMIN_KEY": ADMIN, "DYNAMERGE_MAX_QUEUE": str(4 * clients),
            "DYNAMERGE_LOG_LEVEL": "warning", "DYNAMERGE_MERGE_STORAGE": "svd",
            "DYNAMERGE_MERGE_RANK": "8",
-           # Every top-K hit is blended (Eq. 9): more distinct mixes, more slots in play.
-           "DYNAMERGE_MIN_WEIGHT": "0"}
+           # Every top-K hit is blended (Eq. 9) at the settings' softer temperature: more
+           # distinct mixes, more slots in play than a calibrated router would use.
+           "DYNAMERGE_MIN_WEIGHT": "0", "DYNAMERGE_CALIBRATION": "off"}
     server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], cwd=REPO, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
