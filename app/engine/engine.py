@@ -83,31 +83,10 @@ class Engine:
                                         s.max_adapters + s.max_virtual_adapters)
         self.layers = layers
         self.slots = DeviceSlots(layers, s.max_adapters, s.max_virtual_adapters)
-        self.store = AdapterStore(s.adapter_store, self.slots.base_shapes(), self.dtype,
-                                  on_refuse=self._forget)
-        self.store.scan(s.adapters, show_progress=show_progress)
-        self._reserve_slots()
-        self.host = HostCache(
-            s.host_adapter_bytes, self.store.load, pin_memory=self.device.type == "cuda",
-            on_load=lambda _id, seconds: (
-                metrics.ADAPTER_LOADS.labels(tier="host").inc(),
-                metrics.ADAPTER_LOAD_SECONDS.labels(tier="host").observe(seconds)),
-            on_evict=lambda _id: metrics.ADAPTER_EVICTIONS.labels(tier="host").inc(),
-        )
-        self.residency = Residency(self.slots, self.store, self.host, self.model_lock,
-                                   lambda: self._queue.put(WAKE), s.placement_timeout_s)
+        self._load_tiers(show_progress)
         self.merging = Merging(s, HostAdapters(self.store, self.host.get), layers,
                                task_inputs_collector(self), self.residency.retire)
-        embedder = Embedder(s.embedder_path)
-        cache = EmbeddingCache(
-            s.cache_dir / "embeddings", embedder_identity(embedder.path, embedder.name,
-                                                          embedder.dim),
-        ) if s.embedding_cache else None
-        self.router = Router(embedder, settings_options(s), cache, s.knn_approximate_above)
-        routable = {a: self.store.spec(a).exemplars for a in self.store.ids()
-                    if self.store.spec(a).exemplars}
-        self.router.build(routable, show_progress=show_progress)
-        self.router.defaults, self.calibration = resolve_routing(s, self.router)
+        self._load_router(show_progress)
         for adapter_id in [s.fallback_adapter, *s.pinned_adapters]:
             if adapter_id is not None and adapter_id not in self.store:
                 raise AdapterNotFoundError(f"adapter {adapter_id!r} of the settings is not "
@@ -129,6 +108,38 @@ class Engine:
         self._ready = True
         log.info("engine ready: %d adapters in the store (%d refused), %d device slots, on %s",
                  len(self.store), len(self.store.refused), s.max_adapters, self.device)
+
+    def _load_tiers(self, show_progress: bool) -> None:
+        """The disk tier (validated from headers), the host LRU and the residency manager."""
+        s = self.settings
+        self.store = AdapterStore(s.adapter_store, self.slots.base_shapes(), self.dtype,
+                                  on_refuse=self._forget)
+        self.store.scan(s.adapters, show_progress=show_progress)
+        self._reserve_slots()
+        self.host = HostCache(
+            s.host_adapter_bytes, self.store.load, pin_memory=self.device.type == "cuda",
+            on_load=lambda _id, seconds: (
+                metrics.ADAPTER_LOADS.labels(tier="host").inc(),
+                metrics.ADAPTER_LOAD_SECONDS.labels(tier="host").observe(seconds)),
+            on_evict=lambda _id: metrics.ADAPTER_EVICTIONS.labels(tier="host").inc(),
+        )
+        self.residency = Residency(self.slots, self.store, self.host, self.model_lock,
+                                   lambda: self._queue.put(WAKE), s.placement_timeout_s)
+
+    def _load_router(self, show_progress: bool) -> None:
+        """Every routable adapter's exemplars indexed (embeddings from the cache when it has
+        them), then the routing defaults: calibrated for this store unless pinned."""
+        s = self.settings
+        embedder = Embedder(s.embedder_path)
+        cache = EmbeddingCache(
+            s.cache_dir / "embeddings", embedder_identity(embedder.path, embedder.name,
+                                                          embedder.dim),
+        ) if s.embedding_cache else None
+        self.router = Router(embedder, settings_options(s), cache, s.knn_approximate_above)
+        routable = {a: self.store.spec(a).exemplars for a in self.store.ids()
+                    if self.store.spec(a).exemplars}
+        self.router.build(routable, show_progress=show_progress)
+        self.router.defaults, self.calibration = resolve_routing(s, self.router)
 
     def _reserve_slots(self) -> None:
         """Size every layer's slot stacks for the largest rank that targets it in the store:
