@@ -21,9 +21,9 @@ def micro_zoo(tmp_path_factory: pytest.TempPathFactory) -> MicroZoo:
 
 @pytest.fixture(scope="session")
 def micro_settings(micro_zoo: MicroZoo, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    # Routing by the documented settings defaults (and Eq. 9's full top-K), not by a calibration of the random micro
-    # zoo, so that tests can reason about weights and fallbacks (test_calibration_file.py
-    # covers start-up calibration).
+    # Routing by the documented settings defaults (and Eq. 9's full top-K), not by a
+    # calibration of the random micro zoo, so that tests can reason about weights and
+    # fallbacks (test_calibration_file.py covers start-up calibration).
     return Settings(
         base_model=micro_zoo.base_dir,
         adapter_store=micro_zoo.store_dir,
