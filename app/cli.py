@@ -197,10 +197,10 @@ def _zoo(args: argparse.Namespace) -> int:
         print(f"wrote {len(ids)} adapters to {args.out}")
     elif args.zoo_command == "train":
         tasks = args.tasks.split(",") if args.tasks else None
-        zoo_train.train(tasks=tasks)
-        print(zoo_eval.format_table(zoo_eval.evaluate()))
+        zoo_train.train(settings.cache_dir, tasks=tasks)
+        print(zoo_eval.format_table(zoo_eval.evaluate(settings.cache_dir)))
     else:
-        print(zoo_eval.format_table(zoo_eval.evaluate(limit=args.limit)))
+        print(zoo_eval.format_table(zoo_eval.evaluate(settings.cache_dir, limit=args.limit)))
     return 0
 
 

@@ -150,18 +150,23 @@ def test_calibrate_writes_a_calibration_the_server_reads(
 
 
 def test_zoo_train_is_wired_to_train_then_evaluate(monkeypatch: pytest.MonkeyPatch,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+                                                   capsys: pytest.CaptureFixture[str],
+                                                   tmp_path: Path) -> None:
     # A fake, because the real thing cannot run here: training six adapters takes minutes of
-    # CPU per task. This checks the wiring only (tasks passed on, the table printed).
+    # CPU per task. This checks the wiring only (tasks and Settings' cache folder passed on,
+    # the table printed).
     from adapters.zoo import evaluate as zoo_eval
     from adapters.zoo import train as zoo_train
 
     calls: list[object] = []
-    monkeypatch.setattr(zoo_train, "train", lambda tasks=None: calls.append(tasks))
-    monkeypatch.setattr(zoo_eval, "evaluate", lambda limit=None: calls.append(("eval", limit)))
+    monkeypatch.setenv("DYNAMERGE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(zoo_train, "train",
+                        lambda cache_dir, tasks=None: calls.append((cache_dir, tasks)))
+    monkeypatch.setattr(zoo_eval, "evaluate",
+                        lambda cache_dir, limit=None: calls.append((cache_dir, "eval", limit)))
     monkeypatch.setattr(zoo_eval, "format_table", lambda table: "TABLE")
     assert cli.main(["zoo", "train", "--tasks", "sentiment,arithmetic"]) == 0
-    assert calls == [["sentiment", "arithmetic"], ("eval", None)]
+    assert calls == [(tmp_path, ["sentiment", "arithmetic"]), (tmp_path, "eval", None)]
     assert capsys.readouterr().out.strip() == "TABLE"
 
 

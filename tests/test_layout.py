@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -32,3 +33,12 @@ def test_the_engine_knows_no_http() -> None:
     offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "app" / "engine").rglob("*.py")
                  if _imports(p) & {"fastapi", "starlette", "uvicorn", "httpx"}]
     assert offenders == []
+
+
+def test_the_cache_folder_has_one_default_and_one_env_reader() -> None:
+    # Settings owns `cache_dir` (DYNAMERGE_CACHE_DIR); the libraries take it as a parameter.
+    default = re.compile(r"""["']\.cache["']|environ[^\n]*DYNAMERGE_CACHE_DIR""")
+    owners = [str(p.relative_to(ROOT)) for package in ("app", "adapters", "router_index")
+              for p in sorted((ROOT / package).rglob("*.py"))
+              if default.search(p.read_text(encoding="utf-8"))]
+    assert owners == ["app/settings.py"]

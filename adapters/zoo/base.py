@@ -21,8 +21,6 @@ import torch
 __all__ = [
     "DEMO_BASE_DIRNAME",
     "GGUF_FILENAME",
-    "build",
-    "default_cache_dir",
     "ensure_demo_base",
     "gguf_location",
 ]
@@ -36,12 +34,6 @@ DEMO_BASE_DIRNAME = "smollm2-135m-instruct"
 _COMPLETE_MARKER = "model.safetensors"
 # A short chat whose logits must match between the GGUF model and the converted checkpoint.
 _CHECK_PROMPT = "What is 47 plus 38?"
-
-
-def default_cache_dir() -> Path:
-    """The cache folder: `$DYNAMERGE_CACHE_DIR`, else `~/.cache/dynamerge`."""
-    env = os.environ.get("DYNAMERGE_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "dynamerge"
 
 
 def gguf_location() -> tuple[Path, str]:
@@ -69,7 +61,7 @@ def gguf_location() -> tuple[Path, str]:
     return folder, GGUF_FILENAME
 
 
-def ensure_demo_base(cache_dir: Path | None = None) -> Path:
+def ensure_demo_base(cache_dir: Path) -> Path:
     """Return the converted demo base checkpoint, converting it on first use.
 
     The conversion is written into a temporary sibling folder and renamed into place, so a
@@ -77,13 +69,13 @@ def ensure_demo_base(cache_dir: Path | None = None) -> Path:
     (the loser of the rename discards its copy).
 
     Args:
-        cache_dir: the cache folder; `default_cache_dir()` when None.
+        cache_dir: the cache folder (`Settings.cache_dir`, the one source of it).
 
     Returns:
         The folder of a plain Hugging Face checkpoint (config.json, model.safetensors,
         generation_config.json and tokenizer files with the chat template).
     """
-    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    root = Path(cache_dir)
     target = root / DEMO_BASE_DIRNAME
     if (target / _COMPLETE_MARKER).is_file():
         return target
@@ -105,20 +97,6 @@ def ensure_demo_base(cache_dir: Path | None = None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def build(cache_dir: Path | None = None) -> Path:
-    """Convert the demo base model if it is not cached yet (`dynamerge zoo build`).
-
-    Args:
-        cache_dir: the cache folder; `default_cache_dir()` when None.
-
-    Returns:
-        The folder of the converted checkpoint.
-    """
-    path = ensure_demo_base(cache_dir)
-    logger.info("demo base model ready at %s", path)
-    return path
 
 
 def _convert(out: Path) -> None:

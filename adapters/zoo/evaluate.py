@@ -8,7 +8,7 @@ and batched with left padding, through PEFT with every adapter loaded once (`set
 PEFT user would load them. `--breakdown` adds each expert's accuracy on its own task per
 sub-category (`categorize`: operation and digits, unit family and direction, ...).
 
-    python -m adapters.zoo.evaluate --set paraphrases --workers 1 --breakdown
+    python -m adapters.zoo.evaluate --cache-dir ~/.cache/dynamerge --set paraphrases --breakdown
 """
 
 from __future__ import annotations
@@ -199,11 +199,11 @@ def _run_job(
 
 
 def evaluate(
+    cache_dir: Path,
     limit: int | None = None,
     tasks: Sequence[str] | None = None,
     experts: Sequence[str] | None = None,
     demo_dir: Path = DEMO_DIR,
-    cache_dir: Path | None = None,
     batch_size: int = 32,
     workers: int = 2,
     eval_set: str = "eval",
@@ -213,11 +213,11 @@ def evaluate(
     """Score the base model and every expert on every task's eval set.
 
     Args:
+        cache_dir: cache folder of the converted base model (`Settings.cache_dir`).
         limit: score only the first `limit` examples of each eval set (all when None).
         tasks: the columns; every task with a folder in `demo_dir` when None.
         experts: the adapter rows; the same folders when None.
         demo_dir: the zoo folder (`<task>/adapter_*`, `<task>/eval.jsonl`).
-        cache_dir: cache folder of the converted base model.
         batch_size: prompts per generate call.
         workers: worker processes, one thread each.
         eval_set: which file of each task folder: "eval" or "paraphrases" (`EVAL_SETS`).
@@ -364,8 +364,11 @@ def format_breakdown(table: EvalTable) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m adapters.zoo.evaluate [--limit N]`: print the accuracy table."""
+    """`python -m adapters.zoo.evaluate --cache-dir DIR [--limit N]`: print the accuracy table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache-dir", type=Path, required=True,
+                        help="folder of the converted base model (`dynamerge zoo eval` passes "
+                        "DYNAMERGE_CACHE_DIR)")
     parser.add_argument("--limit", type=int, default=None, help="examples per task")
     parser.add_argument("--demo-dir", type=Path, default=DEMO_DIR)
     parser.add_argument("--workers", type=int, default=2)
@@ -383,9 +386,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     table = evaluate(
-        limit=args.limit, tasks=args.tasks, experts=args.experts, demo_dir=args.demo_dir,
-        workers=args.workers, batch_size=args.batch_size, eval_set=args.eval_set,
-        own_task_only=args.own_task_only, base=not args.no_base,
+        args.cache_dir, limit=args.limit, tasks=args.tasks, experts=args.experts,
+        demo_dir=args.demo_dir, workers=args.workers, batch_size=args.batch_size,
+        eval_set=args.eval_set, own_task_only=args.own_task_only, base=not args.no_base,
     )
     if args.predictions:
         args.predictions.write_text(json.dumps(
