@@ -35,9 +35,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 from tqdm.auto import tqdm
 
-from adapters.blend import AUTO_MODEL, Blend, blend_for
 from adapters.merge import MERGE_METHODS, CacheStats, get_merge_method
 from adapters.zoo.tasks import answers_match
+from app.engine.blend import AUTO_MODEL, Blend, blend_for
 from app.engine.engine import Engine
 from app.engine.types import GenerationRequest, MergeSpec, SamplingParams
 from bench.quality import build_engine

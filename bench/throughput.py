@@ -54,8 +54,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from adapters.blend import AUTO_MODEL, BASE_MODEL, blend_for  # noqa: E402
 from app.engine.base_model import base_model_path  # noqa: E402
+from app.engine.blend import AUTO_MODEL, BASE_MODEL, blend_for  # noqa: E402
 from app.engine.engine import Engine  # noqa: E402
 from app.engine.types import GenerationRequest, SamplingParams  # noqa: E402
 from app.settings import Settings  # noqa: E402

@@ -29,6 +29,13 @@ def test_libraries_import_nothing_from_the_service(package: str) -> None:
     assert offenders == []
 
 
+def test_the_adapters_import_nothing_from_the_router() -> None:
+    # router_index names adapters' errors; the reverse would make the two libraries a cycle.
+    offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "adapters").rglob("*.py")
+                 if "router_index" in _imports(p)]
+    assert offenders == []
+
+
 def test_the_engine_knows_no_http() -> None:
     offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "app" / "engine").rglob("*.py")
                  if _imports(p) & {"fastapi", "starlette", "uvicorn", "httpx"}]

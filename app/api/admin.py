@@ -10,11 +10,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
-from adapters.blend import AUTO_MODEL, BASE_MODEL
 from adapters.errors import AdapterNotFoundError
 from app.api.deps import adapter_ids, ready_engine, require_admin_key
 from app.api.errors import AdapterConflictError, InvalidParameterError
 from app.api.openapi import responses
+from app.engine.blend import AUTO_MODEL, BASE_MODEL
 from app.protocol import (
     AdapterRequest,
     AdapterResponse,

@@ -12,13 +12,13 @@ from collections.abc import Callable
 from fastapi import Request
 from pydantic import BaseModel, SecretStr
 
-from adapters.blend import AUTO_MODEL, BASE_MODEL
 from app.api.errors import (
     AdminDisabledError,
     AuthenticationError,
     InvalidParameterError,
     UnknownModelError,
 )
+from app.engine.blend import AUTO_MODEL, BASE_MODEL
 from app.engine.protocol import EngineClient
 from app.engine.types import EngineDeadError, EngineNotReadyError, MergeSpec, SamplingParams
 from app.protocol import (

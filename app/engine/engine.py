@@ -23,7 +23,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from adapters.blend import AUTO_MODEL, BASE_MODEL, Blend, blend_for
 from adapters.errors import AdapterNotFoundError, IncompatibleAdapterError
 from adapters.host_cache import HostCache
 from adapters.merge.preview import InterferencePreview
@@ -31,6 +30,7 @@ from adapters.store import AdapterStore, HostAdapters
 from adapters.virtual import VirtualAdapter
 from app import metrics
 from app.engine.base_model import load_base_model
+from app.engine.blend import AUTO_MODEL, BASE_MODEL, Blend, blend_for
 from app.engine.blended_lora import BlendContext, install_blended_layers
 from app.engine.calibration import resolve as resolve_routing
 from app.engine.calibration import settings_options

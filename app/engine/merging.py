@@ -13,13 +13,13 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from adapters.blend import Blend
 from adapters.merge import VirtualAdapterCache, VirtualKey, get_merge_method
 from adapters.merge.preview import InterferencePreview, preview
 from adapters.registry import LoraAdapter
 from adapters.virtual import STORAGES, MergeFactory, MergeOptions, VirtualAdapter
 from app import metrics
 from app.engine.activations import collect_task_inputs
+from app.engine.blend import Blend
 from app.engine.blended_lora import BlendedLoRALinear
 from app.engine.types import InvalidRequestError, MergeSpec
 from app.settings import Settings
