@@ -63,6 +63,12 @@ MERGE_BUILD_SECONDS = Histogram(
     "dynamerge_merge_build_seconds", "Time to build one virtual adapter, by method", ["method"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
+FORWARD_SECONDS = Histogram(
+    "dynamerge_forward_seconds",
+    "Time of one model forward pass of the engine, by phase (prefill chunks or a decode step)",
+    ["phase"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 PREFILL_TOKENS_PER_STEP = Histogram(
     "dynamerge_prefill_tokens_per_step", "Prompt tokens prefilled by one engine step",
     buckets=(1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),

@@ -58,6 +58,7 @@ from app.engine.base_model import base_model_path  # noqa: E402
 from app.engine.blend import AUTO_MODEL, BASE_MODEL, blend_for  # noqa: E402
 from app.engine.engine import Engine  # noqa: E402
 from app.engine.types import GenerationRequest, SamplingParams  # noqa: E402
+from app.metrics import FORWARD_SECONDS  # noqa: E402
 from app.settings import Settings  # noqa: E402
 
 SYSTEMS = ("base", "dynamic", "naive")
@@ -86,6 +87,8 @@ class LevelResult:
     concurrency: int
     timings: list[Timing]
     wall_s: float
+    # Seconds the engine spent in model forwards during the level, by phase (naive: none).
+    forward_s: dict[str, float]
 
     @property
     def tokens(self) -> int:
@@ -291,16 +294,29 @@ def run_level(
                 bar.update()
 
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    before = _forward_seconds()
     started = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - started
+    forward = {phase: s - before[phase] for phase, s in _forward_seconds().items()}
     bar.close()
     if errors:
         raise errors[0]
-    return LevelResult(workload, system, concurrency, [t for _, t in sorted(timings)], wall)
+    return LevelResult(workload, system, concurrency, [t for _, t in sorted(timings)], wall,
+                       forward)
+
+
+def _forward_seconds() -> dict[str, float]:
+    """Total seconds of the engine's forwards so far, by phase (the server's own metric)."""
+    totals = {"prefill": 0.0, "decode": 0.0}
+    for family in FORWARD_SECONDS.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_sum") and sample.labels.get("phase") in totals:
+                totals[sample.labels["phase"]] = sample.value
+    return totals
 
 
 def _p(values: np.ndarray, q: float) -> float:
@@ -311,6 +327,7 @@ def print_table(results: list[LevelResult]) -> None:
     head = (
         f"{'system':<8}{'conc':>5}{'reqs':>6}{'tok/req':>8}{'tok/s':>9}"
         f"{'TTFT p50':>10}{'p95':>8}{'TPOT p50':>10}{'p95':>8}{'E2E p50':>10}{'p95':>8}"
+        f"{'prefill%':>9}{'decode%':>8}"
     )
     for workload in dict.fromkeys(r.workload for r in results):
         print(f"\n### {workload}   (latencies in ms)\n")
@@ -323,7 +340,14 @@ def print_table(results: list[LevelResult]) -> None:
                 f"{r.tokens / len(r.timings):>8.1f}{r.tokens_per_s:>9.1f}"
                 f"{_p(ttft, 50):>10.1f}{_p(ttft, 95):>8.1f}{_p(tpot, 50):>10.1f}"
                 f"{_p(tpot, 95):>8.1f}{_p(e2e, 50):>10.0f}{_p(e2e, 95):>8.0f}"
+                f"{_share(r, 'prefill'):>9}{_share(r, 'decode'):>8}"
             )
+
+
+def _share(r: LevelResult, phase: str) -> str:
+    """Share of the level's wall time spent in forwards of `phase` ("-" for naive)."""
+    seconds = r.forward_s.get(phase, 0.0) if r.system != "naive" else None
+    return "-" if seconds is None else f"{100 * seconds / r.wall_s:.0f}"
 
 
 def targets(results: list[LevelResult]) -> list[tuple[str, float, str, bool]]:

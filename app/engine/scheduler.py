@@ -194,7 +194,7 @@ class Scheduler:
         )
         try:
             logits = self._forward(last, self.kv.step_mask(), positions, self.kv.cache,
-                                   self._blend)
+                                   self._blend, "decode")
         except Exception as exc:
             log.exception("decode step failed; failing its %d rows", len(self.running))
             failed, self.running, self.kv = self.running, [], BatchCache()
@@ -316,7 +316,7 @@ class Scheduler:
             torch.set_num_threads(self.prefill_threads)  # cheap: ~0.05 ms
         try:
             logits = self._forward(ids.to(self.device), mask, positions.to(self.device), cache,
-                                   blend)
+                                   blend, "prefill")
         finally:
             torch.set_num_threads(threads)
         metrics.PREFILL_TOKENS_PER_STEP.observe(sum(take for _, take in chosen))
@@ -380,9 +380,11 @@ class Scheduler:
         position_ids: torch.Tensor,
         cache: Cache | None,
         blend: BlendBatch | None,
+        phase: str,
     ) -> torch.Tensor:
         with self.model_lock:
             self.context.batch = blend
+            started = time.perf_counter()
             try:
                 out = self.model(
                     input_ids=input_ids, attention_mask=attention_mask,
@@ -391,6 +393,11 @@ class Scheduler:
                     # tokens (a fifth of a prefill's FLOPs for this vocabulary).
                     logits_to_keep=1,
                 )
+                if self.device.type == "cuda":
+                    # The sampler waits for the logits anyway; waiting here makes the metric
+                    # the forward's time, not its launch's.
+                    torch.cuda.synchronize(self.device)
+                metrics.FORWARD_SECONDS.labels(phase=phase).observe(time.perf_counter() - started)
             finally:
                 self.context.batch = None
         return out.logits[:, -1]
