@@ -66,7 +66,7 @@ class Cluster:
         # No client retries: every failure must be visible to the test, not papered over.
         return OpenAI(
             base_url=f"{base_url or self.nginx.url}/v1", api_key="unused", max_retries=0,
-            timeout=httpx.Timeout(120, connect=5),
+            timeout=openai.Timeout(120, connect=5),
         )
 
     def stop(self) -> None:
