@@ -51,10 +51,10 @@ class Settings(BaseSettings):
     """Adapters loaded at start-up and kept in device slots whatever the traffic."""
     placement_timeout_s: float = Field(default=30.0, gt=0)
     """How long an admitted request may wait for device slots before it fails with 503."""
-    lora_target_modules: list[str] = [
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
-    ]
-    """Linear layer names (last name part) that adapters may target."""
+    lora_target_modules: list[str] | None = None
+    """Linear layer names (last name part) that adapters may target; unset: every linear
+    layer of the base model (nn.Linear and transformers' Conv1D, the output head aside). A
+    list restricts that set; a name in it matching no layer is a start-up warning."""
     fallback_adapter: str | None = None
     """Adapter used alone when routing falls back; unset: the base model."""
 

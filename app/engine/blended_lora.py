@@ -11,10 +11,15 @@ different mixes sharing one forward pass. Merging A and B separately with the we
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -83,7 +88,7 @@ class BlendedLoRALinear(nn.Module):
         y[b] += mix[b, u] * (x[b] A^T) Bt      or      y[b] += mix[b, u] * x[b] D^T
     """
 
-    def __init__(self, base: nn.Linear, context: BlendContext, num_slots: int) -> None:
+    def __init__(self, base: nn.Linear | Conv1D, context: BlendContext, num_slots: int) -> None:
         super().__init__()
         self.base = base
         self.context = context
@@ -94,15 +99,18 @@ class BlendedLoRALinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.base.in_features
+        return self.base.nx if isinstance(self.base, Conv1D) else self.base.in_features
 
     @property
     def out_features(self) -> int:
-        return self.base.out_features
+        return self.base.nf if isinstance(self.base, Conv1D) else self.base.out_features
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.base.weight
+        """The base weight as [out, in] (transformers' Conv1D stores it transposed; PEFT's
+        LoRA factors of a Conv1D layer are still A [r, in], B [out, r])."""
+        weight = self.base.weight
+        return weight.T if isinstance(self.base, Conv1D) else weight
 
     def set_slot(self, slot: int, A: torch.Tensor, B: torch.Tensor, scaling: float) -> None:
         """Write one adapter's factors (A [r, in], B [out, r]) into `slot`."""
@@ -117,7 +125,7 @@ class BlendedLoRALinear(nn.Module):
     def set_side(self, slot: int, A: torch.Tensor | None, B: torch.Tensor) -> None:
         """Store a virtual adapter: factors (A [r, in], B [out, r]), or with A None a dense
         delta B [out, in]."""
-        like = self.base.weight
+        like = self.weight
         if A is None:
             self.side[slot] = B.to(like).contiguous()
         else:
@@ -136,7 +144,7 @@ class BlendedLoRALinear(nn.Module):
 
     def _ensure_capacity(self, rank: int) -> None:
         """Allocate the slot stacks, or grow r_max (zero padding is exact) for a larger rank."""
-        weight = self.base.weight
+        weight = self.weight
         have = 0 if self.A is None else self.A.shape[1]
         if rank <= have:
             return
@@ -152,23 +160,27 @@ class BlendedLoRALinear(nn.Module):
         batch = self.context.batch
         if batch is None:
             return y
+        # Rows come from the batch, never from x's shape: some models (OPT's fc1/fc2) flatten
+        # [B, T, H] to [B*T, H] before a linear layer. Rows are contiguous in either layout.
+        rows = batch.mix.shape[0]
+        flat = x.reshape(-1, self.in_features)  # [rows * tokens, in]
+        out = y.view(-1, self.out_features)  # a view: the in-place adds below land in y
         if self.A is not None:
             A, Bt, scale = self._gathered(batch)
             # 2-D and in place: the LoRA terms are tiny, so per-op overhead is most of their
             # cost on CPU (measured: decode step at batch 16 -7% against `y + (h * s) @ Bt`).
-            h = torch.mm(x.reshape(-1, self.in_features), A.t())  # [batch * tokens, U * r]
-            h.view(x.shape[0], -1, h.shape[-1]).mul_(scale)
-            y.view(-1, self.out_features).addmm_(h, Bt)
+            h = torch.mm(flat, A.t())  # [rows * tokens, U * r]
+            h.view(rows, -1, h.shape[-1]).mul_(scale)
+            out.addmm_(h, Bt)
         if self.side:
             for u, slot in enumerate(batch.used_slots):
                 part = self.side.get(slot)
                 if part is None:
                     continue
-                weight = batch.mix[:, u, None, None]  # [batch, 1, 1]
-                if isinstance(part, tuple):
-                    y = y + weight * ((x @ part[0].T) @ part[1])
-                else:
-                    y = y + weight * (x @ part.T)
+                weight = batch.mix[:, u, None, None]  # [rows, 1, 1]
+                term = (flat @ part[0].T) @ part[1] if isinstance(part, tuple) else flat @ part.T
+                out.view(rows, -1, self.out_features).add_(
+                    weight * term.view(rows, -1, self.out_features))
         return y
 
     def _gathered(self, batch: BlendBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -188,20 +200,42 @@ class BlendedLoRALinear(nn.Module):
         return found
 
 
+def is_linear_like(module: nn.Module) -> bool:
+    """A layer PEFT's LoRA can target as a linear map: nn.Linear or transformers' Conv1D."""
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
 def install_blended_layers(
-    model: nn.Module, target_names: set[str], context: BlendContext, num_slots: int
+    model: nn.Module, target_names: Iterable[str] | None, context: BlendContext, num_slots: int
 ) -> dict[str, BlendedLoRALinear]:
-    """Replace every `nn.Linear` whose last name part is in `target_names` by a blended layer.
+    """Replace linear-like layers by blended layers.
+
+    Every linear-like layer (fused projections such as Phi-3's `qkv_proj` included) is
+    wrapped, except the output head, so whatever an adapter targets can be served; a layer no
+    adapter uses holds no slot tensors and costs one Python call per forward. `target_names`
+    (last name parts), when given, restricts the set; a name in it that matches no layer is
+    logged as a warning, never silently dropped.
 
     Returns:
         `{full module name: layer}`, names as in `model.named_modules()` before the swap.
     """
+    wanted = None if target_names is None else set(target_names)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     layers: dict[str, BlendedLoRALinear] = {}
+    seen: set[str] = set()
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in target_names:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            layer = BlendedLoRALinear(module, context, num_slots)
-            setattr(parent, child, layer)
-            layers[name] = layer
+        if not is_linear_like(module) or module is head:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        seen.add(leaf)
+        if wanted is not None and leaf not in wanted:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = BlendedLoRALinear(module, context, num_slots)
+        setattr(parent, child, layer)
+        layers[name] = layer
+    for missing in sorted((wanted or set()) - seen):
+        log.warning("lora_target_modules names %r, which matches no linear layer of the base "
+                    "model", missing)
     return layers

@@ -79,7 +79,7 @@ class Engine:
         torch.set_num_threads(self.threads)
         self.model, self.tokenizer, self.device, self.dtype = load_base_model(s)
         self.context = BlendContext()
-        layers = install_blended_layers(self.model, set(s.lora_target_modules), self.context,
+        layers = install_blended_layers(self.model, s.lora_target_modules, self.context,
                                         s.max_adapters + s.max_virtual_adapters)
         self.layers = layers
         self.slots = DeviceSlots(layers, s.max_adapters, s.max_virtual_adapters)

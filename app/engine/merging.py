@@ -128,7 +128,7 @@ class Merging:
         return virtual
 
     def _base_weight(self, module: str) -> torch.Tensor:
-        return self.layers[module].base.weight.detach().float().cpu()
+        return self.layers[module].weight.detach().float().cpu()
 
     def task_inputs(self, adapter_ids: Sequence[str], module: str) -> list[torch.Tensor]:
         """TE's exemplar inputs of `module`, per adapter; collected through the model once."""
