@@ -22,8 +22,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+from peft.tuners.tuners_utils import check_target_module_exists
+from peft.utils.other import get_pattern_key
 from safetensors import safe_open
 
 from adapters.errors import (
@@ -169,7 +172,18 @@ def inspect_adapter(
                     f"adapter {adapter_id!r}: {key} is {kind}, expected a float type"
                 )
         rank = _check_shapes(adapter_id, name, a_shape, b_shape, base_shapes)
-        modules[name] = (rank, _scaling(config, name, rank))
+        setting = module_setting(config, name)
+        if setting is None:
+            raise IncompatibleAdapterError(
+                f"adapter {adapter_id!r} holds LoRA weights for {name}, which its config does "
+                "not target (target_modules, exclude_modules, layers_to_transform)"
+            )
+        if setting[0] != rank:
+            raise IncompatibleAdapterError(
+                f"adapter {adapter_id!r}: {name} has rank {rank} in its weights but "
+                f"{setting[0]} in its config (r / rank_pattern)"
+            )
+        modules[name] = (rank, setting[1])
         nbytes += (math.prod(a_shape) + math.prod(b_shape)) * itemsize
     return AdapterSpec(
         id=adapter_id, path=path, modules=modules, keys=keys,
@@ -228,6 +242,37 @@ def read_exemplars(path: Path) -> tuple[str, ...]:
     return tuple(texts)
 
 
+# PEFT LoraConfig fields (0.21) that do not change the forward of saved weights: metadata,
+# initialisation, dropout (off at inference), and the fields `module_setting` reads.
+_HARMLESS_FIELDS = frozenset({
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path",
+    "revision", "inference_mode", "r", "target_modules", "exclude_modules", "lora_alpha",
+    "lora_dropout", "fan_in_fan_out", "use_rslora", "init_lora_weights", "layers_to_transform",
+    "layers_pattern", "rank_pattern", "alpha_pattern", "megatron_core", "loftq_config",
+    "eva_config", "corda_config", "lora_ga_config", "runtime_config", "qalora_group_size",
+    "ensure_weight_tying", "bias", "lora_bias", "modules_to_save", "use_dora",
+})
+# Fields that change the forward, and why each is refused (checked when truthy).
+_REFUSED_FIELDS = {
+    "use_dora": "uses DoRA (use_dora): its magnitude vector makes the layer non-linear in "
+                "the delta, so it cannot be blended exactly",
+    "modules_to_save": "trains full modules (modules_to_save: {value}), which replace the "
+                       "base modules and cannot be blended",
+    "alora_invocation_tokens": "is an activated LoRA (alora_invocation_tokens): it applies "
+                               "only after its invocation tokens, which is not supported",
+    "trainable_token_indices": "trains embedding rows (trainable_token_indices), not supported",
+    "use_qalora": "is a QA-LoRA adapter (use_qalora), not supported",
+    "layer_replication": "replicates base layers (layer_replication), not supported",
+    "megatron_config": "targets Megatron parallel layers (megatron_config), not supported",
+    "target_parameters": "targets parameters (target_parameters), not supported",
+    "use_bdlora": "is a block-diagonal LoRA (use_bdlora), not supported",
+    "arrow_config": "uses Arrow routing (arrow_config), not supported",
+    "kasa_config": "uses KaSA (kasa_config), not supported",
+    "velora_config": "uses VeLoRA (velora_config), not supported",
+    "monteclora_config": "uses MonteCLoRA (monteclora_config), not supported",
+}
+
+
 def _read_config(path: Path, adapter_id: str) -> dict:
     try:
         config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
@@ -237,20 +282,52 @@ def _read_config(path: Path, adapter_id: str) -> dict:
         raise IncompatibleAdapterError(
             f"adapter {adapter_id!r}: {CONFIG_FILE} is not JSON"
         ) from exc
+    if not isinstance(config, dict):
+        raise IncompatibleAdapterError(f"adapter {adapter_id!r}: {CONFIG_FILE} is not an object")
     if config.get("peft_type", "LORA") != "LORA":
         raise IncompatibleAdapterError(
             f"adapter {adapter_id!r} is {config.get('peft_type')}, only plain LoRA is supported"
         )
-    if config.get("use_dora"):
-        raise IncompatibleAdapterError(f"adapter {adapter_id!r} uses DoRA, which is not supported")
-    if config.get("modules_to_save"):
+    for field_name, reason in _REFUSED_FIELDS.items():
+        value = config.get(field_name)
+        if value:
+            raise IncompatibleAdapterError(
+                f"adapter {adapter_id!r} {reason.format(value=value)}"
+            )
+    unknown = sorted(k for k, v in config.items()
+                     if k not in _HARMLESS_FIELDS and k not in _REFUSED_FIELDS and v)
+    if unknown:
         raise IncompatibleAdapterError(
-            f"adapter {adapter_id!r} trains full modules ({config['modules_to_save']}); "
-            "only LoRA deltas can be blended"
+            f"adapter {adapter_id!r} sets PEFT config field(s) {', '.join(unknown)} that this "
+            "server does not know; they may change the forward, so it is refused"
         )
-    if config.get("bias", "none") != "none":
-        raise IncompatibleAdapterError(f"adapter {adapter_id!r} trains biases, not supported")
     return config
+
+
+def module_setting(config: Mapping, module: str) -> tuple[int, float] | None:
+    """PEFT's `(r, scaling)` for `module` under an adapter config, or None when PEFT would
+    not target it. Uses PEFT's own matching (`check_target_module_exists`: target_modules as
+    names or a regex string, exclude_modules, layers_to_transform/layers_pattern;
+    `get_pattern_key`: rank_pattern/alpha_pattern keys as regexes, first match wins), so that
+    the scaling is PEFT's to the bit. With no target_modules (PEFT filled in its defaults per
+    architecture at training), every module the file holds counts as targeted."""
+    view = SimpleNamespace(
+        target_modules=config.get("target_modules"),
+        exclude_modules=config.get("exclude_modules"),
+        modules_to_save=None, target_parameters=None,
+        layers_to_transform=config.get("layers_to_transform"),
+        layers_pattern=config.get("layers_pattern"),
+    )
+    if view.target_modules is not None and not check_target_module_exists(view, module):
+        return None
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    r = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module), config.get("r", 8))
+    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module),
+                              config.get("lora_alpha", 8))
+    if config.get("use_rslora"):
+        return r, alpha / math.sqrt(r)
+    return r, alpha / r
 
 
 def _group_keys(
@@ -298,12 +375,3 @@ def _check_shapes(
             f"{out_features}x{rank}"
         )
     return rank
-
-
-def _scaling(config: Mapping, module: str, rank: int) -> float:
-    """PEFT's scaling for one module, honouring alpha_pattern and rsLoRA."""
-    alpha = config.get("lora_alpha", 8)
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if module == pattern or module.endswith("." + pattern):
-            alpha = value
-    return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
