@@ -17,6 +17,10 @@ class AdapterNotFoundError(AdapterError):
     """The adapter id names nothing in the store, or nothing loaded."""
 
 
+class RefusedAdapterError(AdapterError):
+    """The adapter is in the store but was refused at validation; the message says why."""
+
+
 class IncompatibleAdapterError(AdapterError):
     """The adapter cannot be applied to the resident base model (shapes, modules, type)."""
 

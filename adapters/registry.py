@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -81,14 +81,37 @@ class LoraAdapter:
 
 
 def list_store(store: Path) -> list[str]:
-    """Adapter ids present in the store (directories holding an adapter config), sorted."""
+    """Adapter ids present in the store, sorted: directories holding an adapter config, or
+    holding named-subfolder saves (PEFT's `save_pretrained` of an adapter not called
+    "default" writes `<dir>/<name>/adapter_config.json`)."""
     if not store.is_dir():
         return []
     return sorted(
         p.name
         for p in store.iterdir()
-        if p.is_dir() and (p / CONFIG_FILE).is_file() and ADAPTER_ID_PATTERN.match(p.name)
+        if p.is_dir() and ADAPTER_ID_PATTERN.match(p.name)
+        and ((p / CONFIG_FILE).is_file() or _named_saves(p))
     )
+
+
+def _named_saves(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file())
+
+
+def _weights_dir(path: Path, adapter_id: str) -> Path:
+    """Where the adapter's config and weights are: the directory itself, or its one named
+    subfolder. Several named subfolders are several adapters: refused, naming them."""
+    if (path / CONFIG_FILE).is_file():
+        return path
+    saves = _named_saves(path)
+    if len(saves) == 1:
+        return saves[0]
+    if saves:
+        raise IncompatibleAdapterError(
+            f"adapter {adapter_id!r} holds several named PEFT saves "
+            f"({', '.join(p.name for p in saves)}); give each its own store directory"
+        )
+    return path
 
 
 def resolve_adapter_dir(store: Path, adapter_id: str) -> Path:
@@ -132,6 +155,7 @@ def inspect_adapter(
     adapter_id: str,
     base_shapes: Mapping[str, tuple[int, int]],
     dtype: torch.dtype = torch.float32,
+    base_weight: Callable[[str], torch.Tensor] | None = None,
 ) -> AdapterSpec:
     """Validate one adapter directory without reading its tensors.
 
@@ -142,7 +166,8 @@ def inspect_adapter(
     Raises:
         AdapterError: a subclass naming the culprit.
     """
-    path = resolve_adapter_dir(store, adapter_id)
+    top = resolve_adapter_dir(store, adapter_id)
+    path = _weights_dir(top, adapter_id)
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise UnsafeAdapterError(
@@ -161,7 +186,9 @@ def inspect_adapter(
         raise IncompatibleAdapterError(
             f"adapter {adapter_id!r}: {WEIGHTS_FILE} is not a valid safetensors file"
         ) from exc
-    keys = _group_keys(header, adapter_id)
+    keys, saved_base = _group_keys(header, adapter_id)
+    if saved_base:
+        _check_unchanged(adapter_id, weights_path, saved_base, base_shapes, base_weight)
     modules, nbytes = {}, 0
     itemsize = torch.empty((), dtype=dtype).element_size()
     for name, (a_key, b_key) in keys.items():
@@ -187,7 +214,10 @@ def inspect_adapter(
         nbytes += (math.prod(a_shape) + math.prod(b_shape)) * itemsize
     return AdapterSpec(
         id=adapter_id, path=path, modules=modules, keys=keys,
-        exemplars=read_exemplars(path / EXEMPLARS_FILE), nbytes=nbytes,
+        exemplars=read_exemplars(
+            top / EXEMPLARS_FILE if (top / EXEMPLARS_FILE).is_file() else path / EXEMPLARS_FILE
+        ),
+        nbytes=nbytes,
     )
 
 
@@ -197,6 +227,7 @@ def load_adapter(
     base_shapes: Mapping[str, tuple[int, int]],
     dtype: torch.dtype = torch.float32,
     spec: AdapterSpec | None = None,
+    base_weight: Callable[[str], torch.Tensor] | None = None,
 ) -> LoraAdapter:
     """Load and validate one adapter directory.
 
@@ -211,7 +242,7 @@ def load_adapter(
     Returns:
         The validated adapter. Raises an `AdapterError` subclass naming the culprit otherwise.
     """
-    spec = spec or inspect_adapter(store, adapter_id, base_shapes, dtype)
+    spec = spec or inspect_adapter(store, adapter_id, base_shapes, dtype, base_weight)
     modules = {}
     with safe_open(str(spec.path / WEIGHTS_FILE), framework="pt") as f:
         for name, (a_key, b_key) in spec.keys.items():
@@ -330,18 +361,28 @@ def module_setting(config: Mapping, module: str) -> tuple[int, float] | None:
     return r, alpha / r
 
 
+_BASE_COPY = re.compile(r"^(?P<module>.+)\.base_layer\.weight$")
+
+
 def _group_keys(
     header: Mapping[str, object], adapter_id: str
-) -> dict[str, tuple[str, str]]:
-    """`{module: (lora_A key, lora_B key)}` from the tensor names of a PEFT adapter file."""
+) -> tuple[dict[str, tuple[str, str]], dict[str, str]]:
+    """`{module: (lora_A key, lora_B key)}` from the tensor names of a PEFT adapter file, and
+    `{module: key}` of saved copies of base weights (PEFT's `save_embedding_layers="auto"`
+    saves `<module>.base_layer.weight` of a targeted head), which must equal the base."""
     found: dict[str, dict[str, str]] = {}
+    saved_base: dict[str, str] = {}
     for key in header:
-        match = _KEY_PATTERN.match(key.removeprefix(_PEFT_PREFIX))
-        if match is None:
-            raise IncompatibleAdapterError(
-                f"adapter {adapter_id!r}: unexpected tensor {key!r} (only lora_A/lora_B weights)"
-            )
-        found.setdefault(match["module"], {})[match["factor"]] = key
+        name = key.removeprefix(_PEFT_PREFIX)
+        match = _KEY_PATTERN.match(name)
+        if match is not None:
+            found.setdefault(match["module"], {})[match["factor"]] = key
+            continue
+        copy = _BASE_COPY.match(name)
+        if copy is not None:
+            saved_base[copy["module"]] = key
+            continue
+        raise IncompatibleAdapterError(f"adapter {adapter_id!r}: {_unexpected(name)}")
     if not found:
         raise IncompatibleAdapterError(f"adapter {adapter_id!r} holds no LoRA weights")
     pairs = {}
@@ -351,7 +392,44 @@ def _group_keys(
                 f"adapter {adapter_id!r}: {module} lacks lora_{'B' if 'A' in parts else 'A'}"
             )
         pairs[module] = (parts["A"], parts["B"])
-    return pairs
+    return pairs, saved_base
+
+
+def _unexpected(name: str) -> str:
+    """Why a tensor that is not a LoRA factor cannot be served, by what it is."""
+    if ".lora_embedding_" in name:
+        return (f"{name} is a LoRA on an embedding layer (a lookup, not a linear map), "
+                "which is not supported")
+    if ".lora_B" in name and name.endswith(".bias"):
+        return f"{name} is a trained LoRA bias (lora_bias), which is not supported"
+    if ".lora_magnitude_vector" in name:
+        return f"{name} is a DoRA magnitude, which is not supported"
+    if name.endswith(".bias"):
+        return f"{name} is a trained bias (bias='all' or 'lora_only'), which is not supported"
+    return f"unexpected tensor {name!r} (only lora_A/lora_B weights)"
+
+
+def _check_unchanged(
+    adapter_id: str, weights_path: Path, saved_base: Mapping[str, str],
+    base_shapes: Mapping[str, tuple[int, int]],
+    base_weight: Callable[[str], torch.Tensor] | None,
+) -> None:
+    """A saved base weight is accepted only when it equals the resident base's, bit for bit:
+    a changed one is a full fine-tune of that layer, which cannot be blended."""
+    for module, key in saved_base.items():
+        if module not in base_shapes or base_weight is None:
+            raise IncompatibleAdapterError(
+                f"adapter {adapter_id!r} saves a full weight for {module}, which cannot be "
+                "checked against the base model here"
+            )
+        with safe_open(str(weights_path), framework="pt") as f:
+            saved = f.get_tensor(key)
+        base = base_weight(module).detach().to("cpu")
+        if saved.shape != base.shape or not torch.equal(saved.to(base.dtype), base):
+            raise IncompatibleAdapterError(
+                f"adapter {adapter_id!r} saves a changed weight for {module} (a full "
+                "fine-tune of that layer), which cannot be blended"
+            )
 
 
 def _check_shapes(

@@ -28,6 +28,7 @@ class AdapterStore:
     Args:
         root: the store directory (one sub-directory per adapter).
         base_shapes: `{module name: (out, in)}` of the base model's targetable layers.
+        base_weight: a targetable layer's base weight, [out, in], by module name.
         dtype: what tensors are cast to when loaded.
         on_refuse: called with an adapter id when loading finds its values bad (whoever
             routes to it must stop).
@@ -36,8 +37,10 @@ class AdapterStore:
     def __init__(
         self, root: Path, base_shapes: Mapping[str, tuple[int, int]], dtype: torch.dtype,
         on_refuse: Callable[[str], None] | None = None,
+        base_weight: Callable[[str], torch.Tensor] | None = None,
     ) -> None:
         self.root = Path(root)
+        self.base_weight = base_weight  # [out, in] of a module, to check saved base copies
         self._on_refuse = on_refuse or (lambda _id: None)
         self.base_shapes = base_shapes
         self.dtype = dtype
@@ -53,7 +56,7 @@ class AdapterStore:
                                disable=not show_progress):
             try:
                 specs[adapter_id] = inspect_adapter(self.root, adapter_id, self.base_shapes,
-                                                    self.dtype)
+                                                    self.dtype, self.base_weight)
             except AdapterError as exc:
                 refused[adapter_id] = f"{type(exc).__name__}: {exc}"
                 log.warning("adapter %r refused: %s", adapter_id, exc)
@@ -80,7 +83,8 @@ class AdapterStore:
 
     def add(self, adapter_id: str) -> AdapterSpec:
         """Validate and add one adapter (an admin registered it live)."""
-        spec = inspect_adapter(self.root, adapter_id, self.base_shapes, self.dtype)
+        spec = inspect_adapter(self.root, adapter_id, self.base_shapes, self.dtype,
+                               self.base_weight)
         with self._lock:
             self._specs = {**self._specs, adapter_id: spec}
             self.refused.pop(adapter_id, None)

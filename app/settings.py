@@ -53,7 +53,7 @@ class Settings(BaseSettings):
     """How long an admitted request may wait for device slots before it fails with 503."""
     lora_target_modules: list[str] | None = None
     """Linear layer names (last name part) that adapters may target; unset: every linear
-    layer of the base model (nn.Linear and transformers' Conv1D, the output head aside). A
+    layer of the base model (nn.Linear and transformers' Conv1D, the output head too). A
     list restricts that set; a name in it matching no layer is a start-up warning."""
     fallback_adapter: str | None = None
     """Adapter used alone when routing falls back; unset: the base model."""

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from fastapi import Request
 from pydantic import BaseModel, SecretStr
 
+from adapters.errors import RefusedAdapterError
 from app.api.errors import (
     AdminDisabledError,
     AuthenticationError,
@@ -90,6 +91,10 @@ def note_model(request: Request, engine: EngineClient, model: str) -> None:
 # --- from protocol fields to engine inputs ------------------------------------------------
 def check_model(engine: EngineClient, model: str) -> None:
     if model not in engine.models():
+        refused = {r.id: r.reason for r in engine.refused_adapters()}
+        if model in refused:
+            raise RefusedAdapterError(f"adapter {model!r} is in the store but was refused: "
+                                      f"{refused[model]}", param="model")
         raise UnknownModelError(
             f"model {model!r} does not exist; GET /v1/models lists auto, base and the adapters",
             param="model",

@@ -30,6 +30,7 @@ from adapters.errors import (
     AdapterError,
     AdapterNotFoundError,
     IncompatibleAdapterError,
+    RefusedAdapterError,
     UnsafeAdapterError,
 )
 from adapters.merge import MERGE_METHODS, MergeParameterError, UnknownMergeMethodError
@@ -145,6 +146,8 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     MergeParameterError: ErrorKind(400, _INVALID, "invalid_parameter", "merge."),
     # The adapters'.
     AdapterNotFoundError: ErrorKind(404, "not_found_error", "adapter_not_found"),
+    # 409: the adapter exists, but its state (refused at validation) conflicts with serving.
+    RefusedAdapterError: ErrorKind(409, _INVALID, "adapter_refused"),
     IncompatibleAdapterError: ErrorKind(400, _INVALID, "incompatible_adapter"),
     UnsafeAdapterError: ErrorKind(400, _INVALID, "unsafe_adapter"),
     AdapterCapacityError: ErrorKind(409, _INVALID, "adapter_capacity"),

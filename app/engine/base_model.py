@@ -54,5 +54,7 @@ def load_base_model(
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     model.requires_grad_(False)
     if tokenizer.chat_template is None:
-        raise ValueError(f"the tokenizer of {path} has no chat template")
+        # A base checkpoint (GPT-2, OPT, Pythia, Llama-2 base): completions need no template.
+        log.warning("the tokenizer of %s has no chat template: /v1/completions only, chat "
+                    "requests are refused with 400", path.name)
     return model, tokenizer, device, dtype

@@ -210,8 +210,8 @@ def install_blended_layers(
 ) -> dict[str, BlendedLoRALinear]:
     """Replace linear-like layers by blended layers.
 
-    Every linear-like layer (fused projections such as Phi-3's `qkv_proj` included) is
-    wrapped, except the output head, so whatever an adapter targets can be served; a layer no
+    Every linear-like layer (fused projections such as Phi-3's `qkv_proj` and the output
+    head included) is wrapped, so whatever an adapter targets can be served; a layer no
     adapter uses holds no slot tensors and costs one Python call per forward. `target_names`
     (last name parts), when given, restricts the set; a name in it that matches no layer is
     logged as a warning, never silently dropped.
@@ -220,11 +220,10 @@ def install_blended_layers(
         `{full module name: layer}`, names as in `model.named_modules()` before the swap.
     """
     wanted = None if target_names is None else set(target_names)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     layers: dict[str, BlendedLoRALinear] = {}
     seen: set[str] = set()
     for name, module in list(model.named_modules()):
-        if not is_linear_like(module) or module is head:
+        if not is_linear_like(module):
             continue
         leaf = name.rsplit(".", 1)[-1]
         seen.add(leaf)

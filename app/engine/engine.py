@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from adapters.errors import AdapterNotFoundError, IncompatibleAdapterError
+from adapters.errors import AdapterNotFoundError, IncompatibleAdapterError, RefusedAdapterError
 from adapters.host_cache import HostCache
 from adapters.merge.preview import InterferencePreview
 from adapters.store import AdapterStore, HostAdapters
@@ -113,7 +113,8 @@ class Engine:
         """The disk tier (validated from headers), the host LRU and the residency manager."""
         s = self.settings
         self.store = AdapterStore(s.adapter_store, self.slots.base_shapes(), self.dtype,
-                                  on_refuse=self._forget)
+                                  on_refuse=self._forget,
+                                  base_weight=lambda name: self.layers[name].weight)
         self.store.scan(s.adapters, show_progress=show_progress)
         self._reserve_slots()
         self.host = HostCache(
@@ -166,7 +167,8 @@ class Engine:
     def _warm_up(self) -> None:
         ids = self.store.ids()
         for model in [BASE_MODEL, *ids[:1]]:
-            prompt = self.render_chat([{"role": "user", "content": "Hi"}])
+            prompt = (self.render_chat([{"role": "user", "content": "Hi"}])
+                      if self.tokenizer.chat_template is not None else "Hi")
             request = GenerationRequest(prompt=prompt, route_text="Hi", model=model)
             self._admit(request, None, check_ready=False).result()
 
@@ -226,7 +228,16 @@ class Engine:
 
     # --- requests -------------------------------------------------------------------------
     def render_chat(self, messages: list[dict[str, str]]) -> str:
-        """The prompt text of a chat, through the base model's chat template."""
+        """The prompt text of a chat, through the base model's chat template.
+
+        Raises:
+            InvalidRequestError: the base model has no chat template (a base checkpoint such
+                as GPT-2's or OPT's): it serves completions only.
+        """
+        if self.tokenizer.chat_template is None:
+            raise InvalidRequestError(
+                "the base model has no chat template, so it cannot serve chat; send the prompt "
+                "as text to /v1/completions", param="messages")
         return self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True
         )
@@ -236,6 +247,12 @@ class Engine:
         adapters = overrides.get("adapters")
         if adapters is not None:
             unknown = [a for a in adapters if a not in self.store]  # type: ignore[union-attr]
+            refused = {a: self.store.refused[a] for a in unknown if a in self.store.refused}
+            if refused:
+                raise RefusedAdapterError(
+                    "routing.adapters names adapters that were refused: "
+                    + "; ".join(f"{a!r}: {why}" for a, why in refused.items()),
+                    param="routing.adapters")
             if unknown:
                 raise AdapterNotFoundError(
                     f"routing.adapters names adapters that are not loaded: {unknown}",
@@ -301,6 +318,10 @@ class Engine:
             self._check_accepting()
             self.check_capacity()
         if request.model not in (AUTO_MODEL, BASE_MODEL) and request.model not in self.store:
+            reason = self.store.refused.get(request.model)
+            if reason is not None:
+                raise RefusedAdapterError(f"adapter {request.model!r} is in the store but was "
+                                          f"refused: {reason}", param="model")
             raise AdapterNotFoundError(f"model {request.model!r} does not exist", param="model")
         prompt_ids = self.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
         if not prompt_ids:
