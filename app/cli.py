@@ -59,6 +59,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="a method parameter, e.g. density=0.3 (repeatable)")
     merge.add_argument("--out", required=True, help="output directory")
 
+    adapters = sub.add_parser("adapters", help="adapter tools")
+    adapters_sub = adapters.add_subparsers(dest="adapters_command", required=True)
+    check = adapters_sub.add_parser(
+        "check", help="validate a store or one adapter against the base, without serving: "
+        "served, or refused and why, with the scaling per module group (exit 1 if any refused)")
+    check.add_argument("dir", type=Path, help="an adapter store, or one adapter directory")
+    check.add_argument("--base", type=Path, default=None,
+                       help="base model directory (default: DYNAMERGE_BASE_MODEL, else the demo)")
+
     zoo = sub.add_parser("zoo", help="the embedded demo zoo")
     zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True)
     zoo_sub.add_parser("build", help="convert the demo base model from its GGUF (once)")
@@ -204,6 +213,18 @@ def _zoo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _adapters(args: argparse.Namespace) -> int:
+    from app.adapter_check import check_adapters
+    from app.engine.base_model import base_model_path
+    from app.settings import Settings
+
+    settings = Settings()
+    base = args.base or base_model_path(settings)
+    report, all_served = check_adapters(args.dir, base, settings.lora_target_modules)
+    print(report)
+    return 0 if all_served else 1
+
+
 def _calibrate(args: argparse.Namespace) -> int:
     from app.engine.calibration import standalone_router, store_calibration
     from app.settings import Settings
@@ -223,7 +244,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 _COMMANDS = {
     "serve": _serve, "route": _route, "generate": _generate, "merge": _merge, "zoo": _zoo,
-    "calibrate": _calibrate,
+    "calibrate": _calibrate, "adapters": _adapters,
 }
 
 if __name__ == "__main__":

@@ -40,7 +40,8 @@ def micro_env(micro_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> dict
 
 
 def test_every_subcommand_has_a_handler() -> None:
-    assert set(cli._COMMANDS) == {"serve", "route", "generate", "merge", "zoo", "calibrate"}
+    assert set(cli._COMMANDS) == {"serve", "route", "generate", "merge", "zoo", "calibrate",
+                                  "adapters"}
     with pytest.raises(SystemExit):
         cli.main(["no-such-command"])
 
@@ -178,3 +179,18 @@ def test_zoo_build_and_eval_on_the_demo_base(capsys: pytest.CaptureFixture[str])
     assert cli.main(["zoo", "eval", "--limit", "1"]) == 0
     table = capsys.readouterr().out
     assert "base" in table and "|" in table
+
+
+def test_adapters_check_prints_served_and_refused(micro_env: dict[str, str], micro_zoo: MicroZoo,
+                                                  tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["adapters", "check", str(micro_zoo.store_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "math: served" in out and "q_proj" in out and "scaling=" in out
+    store = tmp_path / "store"
+    import shutil
+    shutil.copytree(micro_zoo.store_dir / "math", store / "v_dora")
+    config = store / "v_dora" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "use_dora": True}))
+    assert cli.main(["adapters", "check", str(store / "v_dora")]) == 1
+    assert "v_dora: refused" in capsys.readouterr().out
