@@ -29,17 +29,17 @@ ARCHS: dict[str, tuple[dict, list[str]]] = {
 }
 
 
-def tiny_model(model_type: str, seed: int = 0) -> torch.nn.Module:
+def tiny_model(model_type: str, seed: int = 0, **extra: object) -> torch.nn.Module:
     overrides, _ = ARCHS[model_type]
-    config = AutoConfig.for_model(model_type, **{**_SMALL, **overrides})
+    config = AutoConfig.for_model(model_type, **{**_SMALL, **overrides, **extra})
     if model_type == "opt":
         config.ffn_dim = 64
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
-def save_tiny(model_type: str, directory: Path, seed: int = 0) -> Path:
-    tiny_model(model_type, seed).save_pretrained(directory)
+def save_tiny(model_type: str, directory: Path, seed: int = 0, **extra: object) -> Path:
+    tiny_model(model_type, seed, **extra).save_pretrained(directory)
     return directory
 
 
