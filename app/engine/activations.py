@@ -29,7 +29,10 @@ def collect_task_inputs(
     captured: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     hooks = [
         layer.base.register_forward_hook(
-            lambda _m, args, _out, name=name: captured[name].append(args[0][0].mean(0).float())
+            # One prompt per forward, so every row of the input is one of its tokens, whatever
+            # the rank ([1, T, in], or [T, in] where a model flattens, as OPT's fc1/fc2 do).
+            lambda _m, args, _out, name=name: captured[name].append(
+                args[0].reshape(-1, args[0].shape[-1]).mean(0).float())
         )
         for name, layer in layers.items()
     ]
