@@ -25,7 +25,8 @@ _DESCRIPTIONS = {
     401: "Missing or wrong key",
     403: "The admin API is disabled (no admin key configured)",
     404: "Unknown model, adapter or route",
-    409: "The adapter already exists, or a capacity is exhausted",
+    409: "The adapter already exists, was refused at validation (the message says why), or "
+         "a capacity is exhausted",
     413: "The body is larger than the server accepts",
     422: "The body does not have the request's shape (missing field, wrong type)",
     429: "Too many requests in flight; retry after `Retry-After` seconds",
@@ -34,7 +35,7 @@ _DESCRIPTIONS = {
 }
 _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying",
                                 "schema": {"type": "integer", "minimum": 1}}}
-GENERATION_ERRORS = (400, 401, 404, 413, 422, 429, 500, 503)
+GENERATION_ERRORS = (400, 401, 404, 409, 413, 422, 429, 500, 503)
 ADAPTERS_HEADER = "x-dynamerge-adapters"
 
 

@@ -43,7 +43,7 @@ from app.protocol import (
 router = APIRouter(prefix="/v1", tags=["rest"], dependencies=[Depends(require_api_key)])
 
 
-@router.post("/route", responses=responses(400, 401, 404, 413, 422, 503))
+@router.post("/route", responses=responses(400, 401, 404, 409, 413, 422, 503))
 async def route(body: RouteRequest, request: Request) -> RouteResponse:
     engine = ready_engine(request)
     note_model(request, engine, "auto")
