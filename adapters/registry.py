@@ -281,7 +281,7 @@ _HARMLESS_FIELDS = frozenset({
     "lora_dropout", "fan_in_fan_out", "use_rslora", "init_lora_weights", "layers_to_transform",
     "layers_pattern", "rank_pattern", "alpha_pattern", "megatron_core", "loftq_config",
     "eva_config", "corda_config", "lora_ga_config", "runtime_config", "qalora_group_size",
-    "ensure_weight_tying", "bias", "lora_bias", "modules_to_save", "use_dora",
+    "ensure_weight_tying", "bias", "lora_bias",  # both judged by the tensors present
 })
 # Fields that change the forward, and why each is refused (checked when truthy).
 _REFUSED_FIELDS = {
