@@ -158,8 +158,8 @@ class BlendedLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         batch = self.context.batch
-        if batch is None:
-            return y
+        if batch is None or (self.A is None and not self.side):
+            return y  # no adapter targets this layer (most of them, once every layer is wrapped)
         # Rows come from the batch, never from x's shape: some models (OPT's fc1/fc2) flatten
         # [B, T, H] to [B*T, H] before a linear layer. Rows are contiguous in either layout.
         rows = batch.mix.shape[0]
