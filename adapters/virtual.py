@@ -2,11 +2,13 @@
 
 A request that asks for TIES, DARE, NeuroMerging, TE or Twin gets its selected adapters merged
 on the true deltas `s_i * B_i @ A_i`, module by module, with the method's pure functions; the
-result is stored as low-rank factors (exactly when the method gives factors, or by truncated
-SVD to a configured rank) or as a dense delta ("exact" storage), and the engine places it in a
-free slot. Per-adapter preparation (trim masks, DARE masks, projections, TE relevance, Twin
-SVDs) is memoised per (method, parameters, adapter set, module), so that a request whose merge
-is not cached pays for the combination and the storage only.
+result is stored as low-rank factors (exactly when the method gives factors or its result is
+low-rank, or by a randomized rank-r SVD) or as a dense delta ("exact" storage of a full-rank
+result), and the engine places it in a free slot. Per-adapter preparation (trim masks, DARE
+masks, projections, TE relevance, Twin SVDs) is memoised per (method, parameters, adapter,
+module); for methods linear in the weights once the set is fixed (TIES, DARE, DARE-TIES,
+NeuroMerging: `MergeMethod.contributions`), the sign election is memoised per adapter set as
+well, so that a new mix of a known set costs one weighted sum per module.
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ from adapters.merge import (
     MergeMethod,
     ModuleInputs,
     VirtualKey,
-    exact_low_rank,
+    compact_low_rank,
     get_merge_method,
+    randomized_low_rank,
     tensor_nbytes,
-    truncated_svd,
 )
 from adapters.registry import LoraAdapter
 
@@ -57,6 +59,41 @@ class VirtualAdapter:
 
 
 @dataclass(frozen=True)
+class SetContributions:
+    """A method's per-set contributions `E [K, out, in]`, memoised: float32 (exact), or half.
+
+    Half: `values = E / scale` in float16 with `scale = max|E|` per module, so entries sit in
+    [-1, 1] where fp16 keeps 11 significant bits: each entry is off by at most 2^-11 of its own
+    size (or 2^-24 * scale in the subnormal range); the weighted sum's relative Frobenius error
+    stays below 1e-3 (tests/test_merge_speed.py; the bench prints the demo's). Half the bytes,
+    but no longer exact, so it is opt-in (`DYNAMERGE_MERGE_HALF_SETS`).
+    """
+
+    values: Tensor  # [K, out, in] float32, or float16 scaled
+    scale: float
+
+    @staticmethod
+    def pack(contributions: Tensor, half: bool = False) -> SetContributions:
+        if not half:
+            return SetContributions(contributions.float().contiguous(), 1.0)
+        peak = float(contributions.abs().max()) if contributions.numel() else 0.0
+        scale = peak if peak > 0 else 1.0
+        return SetContributions((contributions / scale).to(torch.float16), scale)
+
+    def weighted_sum(self, weights: Tensor) -> Tensor:
+        """sum_k weights[k] * E[k] in float32: K fused passes, no [K, out, in] temporary."""
+        w = [float(x) * self.scale for x in weights]
+        out = self.values[0].mul(w[0]).float() if self.values.dtype == torch.float32 else (
+            self.values[0].float().mul_(w[0]))  # never in place on the memo itself
+        for k in range(1, len(w)):
+            out.add_(self.values[k], alpha=w[k])
+        return out
+
+    def nbytes(self) -> int:
+        return self.values.numel() * self.values.element_size()
+
+
+@dataclass(frozen=True)
 class MergeOptions:
     """The cache-key part of a merge besides ids and weights: method params and storage."""
 
@@ -74,6 +111,7 @@ class MergeFactory:
         task_inputs: (adapter ids, module) -> per adapter the module's inputs on that task's
             exemplars, [n_t, in] each (TE-Merging).
         prepared_budget_bytes: memory for memoised per-adapter preparations.
+        half_sets: memoise per-set contributions in scaled float16 (`SetContributions`).
     """
 
     def __init__(
@@ -82,7 +120,9 @@ class MergeFactory:
         base_weight: Callable[[str], Tensor],
         task_inputs: Callable[[Sequence[str], str], list[Tensor]],
         prepared_budget_bytes: int,
+        half_sets: bool = False,
     ) -> None:
+        self.half_sets = half_sets
         self.adapters = adapters
         self.base_weight = base_weight
         self.task_inputs = task_inputs
@@ -98,14 +138,20 @@ class MergeFactory:
         weights = torch.tensor(key.weights, dtype=torch.float32)
         modules: dict[str, VirtualModule] = {}
         error_sq = total_sq = 0.0
+        linear = _linear_in_weights(method)
         for module in self._modules(key.adapter_ids):
-            prepared = self.prepared(method, options.params, key.adapter_ids, module)
-            factors = method.combine_factors(prepared, weights, options.params)
-            if factors is not None:  # exact low-rank result (Twin)
-                modules[module] = VirtualModule(A=factors[1], B=factors[0])
-                continue
-            merged = method.combine(prepared, weights, options.params)
-            stored, err_sq = _store(merged, options)
+            if linear:  # a new mix of a known set: one weighted sum, no election again
+                merged = self.contributions(method, options.params, key.adapter_ids,
+                                            module).weighted_sum(weights)
+            else:
+                prepared = self.prepared(method, options.params, key.adapter_ids, module)
+                factors = method.combine_factors(prepared, weights, options.params)
+                if factors is not None:  # exact low-rank result (Twin)
+                    modules[module] = VirtualModule(A=factors[1], B=factors[0])
+                    continue
+                merged = method.combine(prepared, weights, options.params)
+            bound = self._rank_bound(key.adapter_ids, module)
+            stored, err_sq = _store(merged, options, method, bound)
             modules[module] = stored
             error_sq += err_sq
             total_sq += float(merged.double().square().sum())
@@ -135,6 +181,23 @@ class MergeFactory:
                        lambda a=a: self._prepare(method, params, (a,), module))[0]
             for a in adapter_ids
         ]
+
+    def contributions(self, method: MergeMethod, params: Any, adapter_ids: Sequence[str],
+                      module: str) -> SetContributions:
+        """The method's per-set contributions for `adapter_ids` on `module`, memoised per
+        (method, parameters, adapter set in this order, module)."""
+
+        def make() -> list[Any]:
+            prepared = self.prepared(method, params, adapter_ids, module)
+            return [SetContributions.pack(method.contributions(prepared, params), self.half_sets)]
+
+        key = (method.name, params, tuple(adapter_ids), module, "set", self.half_sets)
+        return self._memo(key, make)[0]
+
+    def _rank_bound(self, adapter_ids: Sequence[str], module: str) -> int:
+        """Sum of the adapters' LoRA ranks on `module`: a bound on a low-rank result's rank."""
+        mods = (self.adapters[a].modules.get(module) for a in adapter_ids)
+        return max(1, sum(m.rank for m in mods if m is not None))
 
     def deltas(self, adapter_ids: Sequence[str], module: str) -> list[Tensor]:
         """True task vectors `s * B @ A` in float32; zeros for an adapter without the module."""
@@ -188,17 +251,27 @@ class MergeFactory:
         return list(names)
 
 
-def _store(merged: Tensor, options: MergeOptions) -> tuple[VirtualModule, float]:
-    """Store a merged delta: "exact" keeps it exactly (compact factors when its numerical rank
-    is low, e.g. TE's row-masked sums; dense otherwise); "svd" truncates to `rank`.
+def _linear_in_weights(method: MergeMethod) -> bool:
+    return type(method).contributions is not MergeMethod.contributions
+
+
+def _store(merged: Tensor, options: MergeOptions, method: MergeMethod,
+           rank_bound: int) -> tuple[VirtualModule, float]:
+    """Store a merged delta, never through a full SVD.
+
+    "exact": methods with a low-rank result (`low_rank_result`, TE) get compact factors from
+    a randomized range finder at the adapters' summed rank, checked to 1e-5 relative; every
+    other result (trim and drop masks make it full-rank) is kept dense: one extra
+    [out, in] matmul in the forward for the rows that use it. "svd": randomized rank-`rank`
+    factors (`torch.svd_lowrank`), near the optimal truncation.
 
     Returns:
-        The stored module and its squared Frobenius error.
+        The stored module and its squared Frobenius error (0 when exact).
     """
     if options.storage == "exact":
-        B, A = exact_low_rank(merged)
-        if A.shape[0] * sum(merged.shape) < merged.numel():
-            return VirtualModule(A=A, B=B), 0.0
+        factors = compact_low_rank(merged, rank_bound) if method.low_rank_result else None
+        if factors is not None:
+            return VirtualModule(A=factors[1], B=factors[0]), 0.0
         return VirtualModule(A=None, B=merged), 0.0
-    B, A = truncated_svd(merged, options.rank)
+    B, A = randomized_low_rank(merged, options.rank)
     return VirtualModule(A=A, B=B), float((merged - B @ A).double().square().sum())

@@ -102,7 +102,12 @@ class Settings(BaseSettings):
     merge_cache_bytes: int = Field(default=1 << 30, ge=0)
     """Memory budget of the virtual-adapter LRU cache."""
     merge_prepared_bytes: int = Field(default=2 << 30, ge=0)
-    """Memory budget for memoised per-adapter merge preparations (masks, projections)."""
+    """Memory budget for memoised per-adapter merge preparations (masks, projections) and
+    per-set sign elections (TIES, DARE, NeuroMerging: a new mix of a known set is one weighted
+    sum)."""
+    merge_half_sets: bool = False
+    """Memoise the per-set elections in scaled float16: half the memory, relative error below
+    1e-3 instead of exact (docs/benchmarks.md)."""
     merge_weight_step: float = Field(default=0.01, gt=0, le=1)
     """Routing weights are rounded to this step in the merge cache key."""
     te_exemplars_per_task: int = Field(default=16, ge=2)

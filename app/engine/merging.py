@@ -54,7 +54,8 @@ class Merging:
         self._inputs: dict[str, dict[str, torch.Tensor]] | None = None
         self._inputs_lock = threading.Lock()
         self.factory = MergeFactory(
-            adapters, self._base_weight, self.task_inputs, settings.merge_prepared_bytes
+            adapters, self._base_weight, self.task_inputs, settings.merge_prepared_bytes,
+            half_sets=settings.merge_half_sets,
         )
         self.cache: VirtualAdapterCache[VirtualAdapter] = VirtualAdapterCache(
             settings.merge_cache_bytes,
