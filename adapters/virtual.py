@@ -112,6 +112,8 @@ class MergeFactory:
             exemplars, [n_t, in] each (TE-Merging).
         prepared_budget_bytes: memory for memoised per-adapter preparations.
         half_sets: memoise per-set contributions in scaled float16 (`SetContributions`).
+        set_budget_bytes: memory for memoised per-set contributions (default: as much as
+            for the preparations), an LRU of its own.
     """
 
     def __init__(
@@ -121,15 +123,15 @@ class MergeFactory:
         task_inputs: Callable[[Sequence[str], str], list[Tensor]],
         prepared_budget_bytes: int,
         half_sets: bool = False,
+        set_budget_bytes: int | None = None,
     ) -> None:
         self.half_sets = half_sets
         self.adapters = adapters
         self.base_weight = base_weight
         self.task_inputs = task_inputs
-        self.budget = prepared_budget_bytes
-        self._prepared: OrderedDict[tuple, tuple[list[Any], int]] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
+        # two budgets: sets must not be evicted by the preparations they were built from
+        self._prepared = _Lru(prepared_budget_bytes)
+        self._sets = _Lru(prepared_budget_bytes if set_budget_bytes is None else set_budget_bytes)
 
     def build(self, key: VirtualKey, options: MergeOptions) -> VirtualAdapter:
         """Merge `key.adapter_ids` at `key.weights` (the rounded ones) with `key.method`."""
@@ -222,33 +224,62 @@ class MergeFactory:
         return method.prepare(self.deltas(adapter_ids, module), params, inputs)
 
     def _memo(self, key: tuple, make: Callable[[], list[Any]]) -> list[Any]:
-        with self._lock:
-            found = self._prepared.get(key)
-            if found is not None:
-                self._prepared.move_to_end(key)
-                return found[0]
-        value = make()
-        size = tensor_nbytes(value)
-        with self._lock:
-            if size <= self.budget and key not in self._prepared:
-                self._prepared[key] = (value, size)
-                self._bytes += size
-                while self._bytes > self.budget:
-                    _, (_, dropped) = self._prepared.popitem(last=False)
-                    self._bytes -= dropped
-        return value
+        memo = self._sets if "set" in key[4:] else self._prepared
+        found = memo.get(key)
+        if found is None:
+            found = make()
+            memo.put(key, found)
+        return found
 
     def forget(self, adapter_id: str) -> None:
         """Drop memoised preparations involving `adapter_id` (it was removed or replaced)."""
-        with self._lock:
-            for key in [k for k in self._prepared if adapter_id in k[2]]:
-                self._bytes -= self._prepared.pop(key)[1]
+        self._prepared.forget(adapter_id)
+        self._sets.forget(adapter_id)
+
+    def memo_bytes(self) -> tuple[int, int]:
+        """Bytes held by (per-adapter preparations, per-set contributions)."""
+        return self._prepared.bytes, self._sets.bytes
 
     def _modules(self, adapter_ids: Sequence[str]) -> list[str]:
         names: dict[str, None] = {}
         for adapter_id in adapter_ids:
             names.update(dict.fromkeys(self.adapters[adapter_id].modules))
         return list(names)
+
+
+class _Lru:
+    """Memoised values by key, least recently used out first once `budget` bytes are held;
+    keys hold the adapter ids at index 2 (for `forget`). Thread-safe."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.bytes = 0
+        self._items: OrderedDict[tuple, tuple[list[Any], int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> list[Any] | None:
+        with self._lock:
+            found = self._items.get(key)
+            if found is None:
+                return None
+            self._items.move_to_end(key)
+            return found[0]
+
+    def put(self, key: tuple, value: list[Any]) -> None:
+        size = tensor_nbytes(value)
+        with self._lock:
+            if size > self.budget or key in self._items:
+                return
+            self._items[key] = (value, size)
+            self.bytes += size
+            while self.bytes > self.budget:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self.bytes -= dropped
+
+    def forget(self, adapter_id: str) -> None:
+        with self._lock:
+            for key in [k for k in self._items if adapter_id in k[2]]:
+                self.bytes -= self._items.pop(key)[1]
 
 
 def _linear_in_weights(method: MergeMethod) -> bool:

@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     """Memory budget for memoised per-adapter merge preparations (masks, projections) and
     per-set sign elections (TIES, DARE, NeuroMerging: a new mix of a known set is one weighted
     sum)."""
+    merge_set_bytes: int = Field(default=2 << 30, ge=0)
+    """Memory budget for memoised per-set elections (TIES, DARE, NeuroMerging): a set of K
+    adapters holds K float32 deltas of every module (about 1 GB for a top-3 on the demo)."""
     merge_half_sets: bool = False
     """Memoise the per-set elections in scaled float16: half the memory, relative error below
     1e-3 instead of exact (docs/benchmarks.md)."""

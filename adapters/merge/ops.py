@@ -78,8 +78,8 @@ def elected_contributions(stacked: Tensor, method: str) -> Tensor:
     (the election and the divisor do not look at the weights).
     """
     mask = majority_sign_mask(stacked, method)
-    count = mask.sum(dim=0).clamp(min=1).to(stacked.dtype)
-    return stacked * mask / count
+    count = mask.sum(dim=0, dtype=stacked.dtype).clamp_(min=1)
+    return stacked.mul(mask).div_(count)
 
 
 def weighted_sum(stacked: Tensor, weights: Tensor) -> Tensor:

@@ -164,11 +164,20 @@ class BlendedLoRALinear(nn.Module):
                 part = self.side.get(slot)
                 if part is None:
                     continue
-                weight = batch.mix[:, u, None, None]  # [batch, 1, 1]
+                # only the rows that use this merge pay for it (a dense slot is a full
+                # [out, in] matmul: as costly as the base layer itself)
+                rows = batch.memo.get(("side_rows", u))
+                if rows is None:
+                    rows = batch.memo[("side_rows", u)] = batch.mix[:, u].nonzero().flatten()
+                if rows.numel() == 0:
+                    continue
+                xs = x if rows.numel() == x.shape[0] else x.index_select(0, rows)
+                weight = batch.mix.index_select(0, rows)[:, u, None, None]  # [rows, 1, 1]
                 if isinstance(part, tuple):
-                    y = y + weight * ((x @ part[0].T) @ part[1])
+                    delta = weight * ((xs @ part[0].T) @ part[1])
                 else:
-                    y = y + weight * (x @ part.T)
+                    delta = weight * (xs @ part.T)
+                y = y + delta if rows.numel() == x.shape[0] else y.index_add(0, rows, delta)
         return y
 
     def _gathered(self, batch: BlendBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

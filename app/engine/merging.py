@@ -55,7 +55,7 @@ class Merging:
         self._inputs_lock = threading.Lock()
         self.factory = MergeFactory(
             adapters, self._base_weight, self.task_inputs, settings.merge_prepared_bytes,
-            half_sets=settings.merge_half_sets,
+            half_sets=settings.merge_half_sets, set_budget_bytes=settings.merge_set_bytes,
         )
         self.cache: VirtualAdapterCache[VirtualAdapter] = VirtualAdapterCache(
             settings.merge_cache_bytes,
