@@ -95,10 +95,12 @@ class Settings(BaseSettings):
     max_virtual_adapters: int = Field(default=8, ge=1, le=1024)
     """Slots for merged results of non-linear methods, beside the adapter slots; also the
     most merges the cache keeps (least recently used ones leave first)."""
-    merge_storage: Literal["svd", "exact"] = "svd"
-    """How a non-linear merge is stored: truncated SVD at `merge_rank`, or exactly."""
+    merge_storage: Literal["svd", "exact"] = "exact"
+    """How a non-linear merge is stored: exactly (full-rank TIES/DARE/NeuroMerging results
+    dense, TE's as compact factors, Twin's as its factors), or a randomized rank-`merge_rank`
+    SVD (smaller, 18-53% relative error on the demo; docs/benchmarks.md)."""
     merge_rank: int = Field(default=64, ge=1)
-    """Rank of SVD-stored merges."""
+    """Rank of SVD-stored merges (`merge_storage="svd"` or a request's `merge.storage`)."""
     merge_cache_bytes: int = Field(default=1 << 30, ge=0)
     """Memory budget of the virtual-adapter LRU cache."""
     merge_prepared_bytes: int = Field(default=2 << 30, ge=0)
