@@ -113,6 +113,11 @@ class Settings(BaseSettings):
     merge_half_sets: bool = False
     """Memoise the per-set elections in scaled float16: half the memory, relative error below
     1e-3 instead of exact (docs/benchmarks.md)."""
+    merge_max_builds: int = Field(default=1, ge=1, le=64)
+    """Merges built at once (each in its request's thread, beside the decode loop): 1 leaves
+    the other core to decoding on a 2-core machine."""
+    merge_build_queue: int = Field(default=4, ge=0)
+    """Merge builds that may wait for a build slot; a further miss gets 503 + Retry-After."""
     merge_weight_step: float = Field(default=0.01, gt=0, le=1)
     """Routing weights are rounded to this step in the merge cache key."""
     te_exemplars_per_task: int = Field(default=16, ge=2)

@@ -3,6 +3,9 @@ memo, all against the per-module reference maths (`combine`, full SVD)."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch
 
@@ -16,6 +19,8 @@ from adapters.merge import (
 )
 from adapters.merge.ops import weighted_sum
 from adapters.virtual import SetContributions
+from app.api.errors import error_body, error_headers
+from app.engine.merging import MergeQueueFullError, Merging
 from app.engine.types import MergeSpec
 
 OUT, IN, RANK = 48, 40, 4
@@ -149,3 +154,44 @@ def test_engine_builds_equal_the_reference_per_module(micro_engine, method):
     low = micro_engine.merging.build_static(mix, MergeSpec(method=method, storage="svd", rank=2))
     assert all(m.A is not None and m.A.shape[0] <= 2 for m in low.modules.values())
     assert 0 < low.relative_error < 1
+
+
+def _private_merging(engine, **overrides) -> Merging:
+    """A Merging of its own over the session engine's adapters and layers (no slots)."""
+    settings = engine.settings.model_copy(update=overrides)
+    return Merging(settings, engine.merging.adapters, engine.layers, lambda: {},
+                   lambda _id: None)
+
+
+def test_requests_for_one_merge_share_one_build_and_a_full_queue_answers_503(micro_engine):
+    merging = _private_merging(micro_engine, merge_max_builds=1, merge_build_queue=0)
+    spec = MergeSpec(method="ties", storage="exact")
+    mix = (("math", 0.6), ("cooking", 0.4))
+    results: list = []
+    merging._build_slots.acquire()  # stands for a long build holding the only build slot
+    try:
+        threads = [threading.Thread(target=lambda: results.append(merging.virtual_for(mix, spec)))
+                   for _ in range(3)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while merging._pending < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert merging._pending == 1  # three requests, one build waiting
+        with pytest.raises(MergeQueueFullError) as refused:  # another merge: no place left
+            merging.virtual_for((("math", 0.5), ("travel", 0.5)), spec)
+        assert refused.value.retry_after_s >= 1
+        status, body = error_body(refused.value)
+        assert status == 503 and body["error"]["code"] == "merge_queue_full"
+        assert error_headers(refused.value, status)["Retry-After"].isdigit()
+    finally:
+        merging._build_slots.release()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(results) == 3
+    assert len({id(virtual) for virtual, _ in results}) == 1  # one build, shared
+    assert sorted(hit for _, hit in results) == [False, True, True]
+    stats = merging.cache.stats()
+    assert stats.misses == 2 and stats.entries == 1  # the refused one counted as a miss too
+    virtual, hit = merging.virtual_for((("math", 0.5), ("travel", 0.5)), spec)  # room again
+    assert not hit and virtual.modules

@@ -21,10 +21,15 @@ from app import metrics
 from app.engine.activations import collect_task_inputs
 from app.engine.blend import Blend
 from app.engine.blended_lora import BlendedLoRALinear
-from app.engine.types import InvalidRequestError, MergeSpec
+from app.engine.types import EngineNotReadyError, InvalidRequestError, MergeSpec
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+class MergeQueueFullError(EngineNotReadyError):
+    """Every merge build slot and queue place is taken (503, with Retry-After); a request
+    for a merge already being built never gets this: it waits for that build."""
 
 
 class Merging:
@@ -53,6 +58,13 @@ class Merging:
         self._collect_inputs = collect_inputs
         self._inputs: dict[str, dict[str, torch.Tensor]] | None = None
         self._inputs_lock = threading.Lock()
+        # Builds run in the requests' own threads (beside the decode loop), at most
+        # `merge_max_builds` at once so that decoding keeps its core; at most
+        # `merge_build_queue` more wait; beyond that a miss is refused with 503.
+        self._build_slots = threading.Semaphore(settings.merge_max_builds)
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+        self._mean_build_s = 1.0
         self.factory = MergeFactory(
             adapters, self._base_weight, self.task_inputs, settings.merge_prepared_bytes,
             half_sets=settings.merge_half_sets, set_budget_bytes=settings.merge_set_bytes,
@@ -92,7 +104,26 @@ class Merging:
         options = self.options(spec)
         ids = [a for a, _ in blend]
         key = self.cache.key(ids, [w for _, w in blend], spec.method, options)
-        return self.cache.get_or_build(key, lambda: self._build(key, options))
+        return self.cache.get_or_build(key, lambda: self._build_bounded(key, options))
+
+    def _build_bounded(self, key: VirtualKey, options: MergeOptions) -> VirtualAdapter:
+        limit = self.settings.merge_max_builds + self.settings.merge_build_queue
+        with self._pending_lock:
+            if self._pending >= limit:
+                wait = self._mean_build_s * (self._pending / self.settings.merge_max_builds)
+                raise MergeQueueFullError(
+                    f"{self._pending} merges are being built or waiting, the most this server "
+                    "queues; retry later", retry_after_s=max(1.0, wait))
+            self._pending += 1
+        try:
+            with self._build_slots:
+                virtual = self._build(key, options)
+            with self._pending_lock:  # a running mean, for Retry-After
+                self._mean_build_s = 0.8 * self._mean_build_s + 0.2 * virtual.build_seconds
+            return virtual
+        finally:
+            with self._pending_lock:
+                self._pending -= 1
 
     def build_static(self, blend: Blend, spec: MergeSpec) -> VirtualAdapter:
         """A merge built outside the cache and the slots (static exports)."""
