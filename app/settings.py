@@ -122,6 +122,9 @@ class Settings(BaseSettings):
     """Routing weights are rounded to this step in the merge cache key."""
     te_exemplars_per_task: int = Field(default=16, ge=2)
     """Exemplars per task whose activations score TE-Merging's neuron relevance."""
+    te_warm_inputs: bool = True
+    """Collect TE-Merging's exemplar activations in the background at start-up (from the disk
+    cache under `cache_dir` when `embedding_cache` is on), so its first merge does not wait."""
 
     # --- generation -----------------------------------------------------------------------
     default_max_tokens: int = Field(default=128, ge=1)

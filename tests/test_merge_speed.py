@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,7 +21,8 @@ from adapters.merge import (
 from adapters.merge.ops import weighted_sum
 from adapters.virtual import SetContributions
 from app.api.errors import error_body, error_headers
-from app.engine.merging import MergeQueueFullError, Merging
+from app.engine.activations import TaskInputsCache, collect_task_inputs
+from app.engine.merging import MergeQueueFullError, Merging, task_inputs_collector
 from app.engine.types import MergeSpec
 
 OUT, IN, RANK = 48, 40, 4
@@ -195,3 +197,31 @@ def test_requests_for_one_merge_share_one_build_and_a_full_queue_answers_503(mic
     assert stats.misses == 2 and stats.entries == 1  # the refused one counted as a miss too
     virtual, hit = merging.virtual_for((("math", 0.5), ("travel", 0.5)), spec)  # room again
     assert not hit and virtual.modules
+
+
+def test_te_activations_are_cached_on_disk_and_equal_a_fresh_collection(micro_engine):
+    engine = micro_engine
+    thread = engine.merging.warm_task_inputs()  # what start-up runs in the background
+    thread.join(timeout=60)
+    assert not thread.is_alive() and engine.merging._inputs is not None
+    folder = Path(engine.settings.cache_dir) / "te_inputs"
+    files = sorted(folder.glob("*.safetensors"))
+    assert len(files) == len(engine.store.ids())
+
+    def render(text: str) -> str:
+        return engine.render_chat([{"role": "user", "content": text}])
+
+    per_task = engine.settings.te_exemplars_per_task
+    with engine.model_lock:
+        fresh = collect_task_inputs(
+            engine.model, engine.layers, engine.tokenizer, render,
+            {a: engine.store.spec(a).exemplars for a in engine.store.ids()}, per_task)
+    files[0].write_bytes(b"not a safetensors file")  # a damaged entry is collected again
+    cached = task_inputs_collector(engine)()
+    for module, by_task in fresh.items():
+        for task, inputs in by_task.items():
+            torch.testing.assert_close(cached[module][task], inputs, atol=1e-6, rtol=1e-6)
+    assert len(sorted(folder.glob("*.safetensors"))) == len(files)
+
+    disk = TaskInputsCache(folder, engine.settings.base_model)
+    assert disk.key(["a", "b"], 2) != disk.key(["a", "c"], 2) != disk.key(["a", "b"], 3)

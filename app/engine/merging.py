@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import torch
 
@@ -18,7 +19,7 @@ from adapters.merge.preview import InterferencePreview, preview
 from adapters.registry import LoraAdapter
 from adapters.virtual import STORAGES, MergeFactory, MergeOptions, VirtualAdapter
 from app import metrics
-from app.engine.activations import collect_task_inputs
+from app.engine.activations import TaskInputsCache, collect_task_inputs
 from app.engine.blend import Blend
 from app.engine.blended_lora import BlendedLoRALinear
 from app.engine.types import EngineNotReadyError, InvalidRequestError, MergeSpec
@@ -152,6 +153,22 @@ class Merging:
             adapter_ids=list(adapter_ids),
         )
 
+    def warm_task_inputs(self) -> threading.Thread:
+        """Collect TE's exemplar activations now, in a background thread (at start-up), so
+        that the first TE merge does not wait for them. Returns the thread."""
+
+        def run() -> None:
+            try:
+                with self._inputs_lock:
+                    if self._inputs is None:
+                        self._inputs = self._collect_inputs()
+            except Exception:  # a request that needs them will collect (and fail) itself
+                log.exception("collecting TE's exemplar activations failed")
+
+        thread = threading.Thread(target=run, name="dynamerge-te-inputs", daemon=True)
+        thread.start()
+        return thread
+
     def _build(self, key: VirtualKey, options: MergeOptions) -> VirtualAdapter:
         virtual = self.factory.build(key, options)
         log.info("built %s for %s in %.2f s (relative error %.4f)", virtual.id,
@@ -176,15 +193,32 @@ def _module_order(name: str) -> tuple:
 
 
 def task_inputs_collector(engine) -> Callable[[], dict[str, dict[str, torch.Tensor]]]:
-    """Collect TE's exemplar activations through `engine`'s model, holding its model lock."""
+    """Collect TE's exemplar activations through `engine`'s model, task by task, from the
+    disk cache (`TaskInputsCache` under `cache_dir`) where it has them. The model lock is
+    held for one task at a time, so that decoding steps slip in between tasks."""
+    settings = engine.settings
+    disk = (TaskInputsCache(Path(settings.cache_dir) / "te_inputs", settings.base_model)
+            if settings.embedding_cache else None)
+
+    def render(text: str) -> str:
+        return engine.render_chat([{"role": "user", "content": text}])
 
     def collect() -> dict[str, dict[str, torch.Tensor]]:
-        exemplars = {a: engine.store.spec(a).exemplars for a in engine.store.ids()}
-        with engine.model_lock:
-            return collect_task_inputs(
-                engine.model, engine.layers, engine.tokenizer,
-                lambda text: engine.render_chat([{"role": "user", "content": text}]),
-                exemplars, engine.settings.te_exemplars_per_task,
-            )
+        per_task = settings.te_exemplars_per_task
+        result: dict[str, dict[str, torch.Tensor]] = {name: {} for name in engine.layers}
+        for task in engine.store.ids():
+            texts = list(engine.store.spec(task).exemplars)[:per_task]
+            key = disk.key([render(t) for t in texts], per_task) if disk is not None else None
+            found = disk.get(key) if disk is not None and key is not None else None
+            if found is None or set(found) != set(engine.layers):
+                with engine.model_lock:
+                    found = {m: by_task[task] for m, by_task in collect_task_inputs(
+                        engine.model, engine.layers, engine.tokenizer, render, {task: texts},
+                        per_task).items()}
+                if disk is not None and key is not None:
+                    disk.put(key, found)
+            for module, inputs in found.items():
+                result[module][task] = inputs
+        return result
 
     return collect
