@@ -44,6 +44,7 @@ from app.engine.engine import Engine
 from app.engine.types import GenerationRequest, MergeSpec, SamplingParams
 from bench.quality import build_engine
 from bench.quality_lib import EvalSet, generate, load_eval_sets, token_budget
+from router_index.router import RoutingOptions
 
 NON_LINEAR = tuple(m for m in MERGE_METHODS if m != "linear")
 HIT_REPEATS = 200
@@ -75,6 +76,21 @@ class MergeReport:
 
 def routed_blend(engine: Engine, prompt: str) -> Blend:
     return blend_for(AUTO_MODEL, engine.route(prompt))
+
+
+def parse_blend(text: str) -> Blend:
+    pairs = [part.split("=") for part in text.split(",")]
+    return tuple((a.strip(), float(w)) for a, w in pairs)
+
+
+def top3_blend(engine: Engine, prompt: str) -> Blend:
+    """The router's blend; when calibration's sharp temperature leaves fewer than 3 adapters,
+    the router's top-3 at the uncalibrated default temperature (0.02), every hit kept."""
+    blend = routed_blend(engine, prompt)
+    if len(blend) >= 3 or len(engine.adapter_ids()) < 3:
+        return blend
+    decision = engine.route(prompt, RoutingOptions(top_k=3, threshold=0.0))
+    return tuple((a, round(w, 2)) for a, w in blend_for(AUTO_MODEL, decision) if w >= 0.005)
 
 
 def shifted(blend: Blend, by: float = 0.05) -> Blend:
@@ -295,6 +311,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=NON_LINEAR, default=list(NON_LINEAR))
     parser.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32, 64, 128],
                         help="ranks of the SVD fidelity table")
+    parser.add_argument("--blend", default=None,
+                        help="the build-cost blend as id=weight,...; default: the router's "
+                             "blend for the first task's first eval prompt, widened to the "
+                             "top-3 at the uncalibrated temperature if calibration leaves fewer")
     parser.add_argument("--rank", type=int, default=64, help="rank of the svd storage column")
     parser.add_argument("--slowdown-methods", nargs="*", choices=NON_LINEAR,
                         default=["ties", "neuro"],
@@ -321,7 +341,8 @@ def main(argv: Sequence[str] | None = None) -> MergeReport:
             store = Path(engine.settings.adapter_store)
             tasks = [a for a in engine.adapter_ids() if (store / a / "eval.jsonl").is_file()]
             eval_sets = load_eval_sets(store, tasks, args.limit)
-            blend = routed_blend(engine, eval_sets[tasks[0]].prompts[0])
+            blend = (parse_blend(args.blend) if args.blend
+                     else top3_blend(engine, eval_sets[tasks[0]].prompts[0]))
             started = time.perf_counter()
             first_module = next(iter(engine.store.spec(tasks[0]).modules))
             engine.merging.task_inputs(tasks[:1], first_module)

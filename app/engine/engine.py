@@ -475,6 +475,8 @@ class Engine:
         return True
 
     def shutdown(self) -> None:
+        if getattr(self, "merging", None) is not None:
+            self.merging.close()
         if self._worker is not None:
             self._queue.put(None)
             self._worker.join(timeout=10)

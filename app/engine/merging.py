@@ -20,6 +20,7 @@ from adapters.registry import LoraAdapter
 from adapters.virtual import STORAGES, MergeFactory, MergeOptions, VirtualAdapter
 from app import metrics
 from app.engine.activations import TaskInputsCache, collect_task_inputs
+from app.engine.base_model import base_model_path
 from app.engine.blend import Blend
 from app.engine.blended_lora import BlendedLoRALinear
 from app.engine.types import EngineNotReadyError, InvalidRequestError, MergeSpec
@@ -49,7 +50,7 @@ class Merging:
         settings: Settings,
         adapters: Mapping[str, LoraAdapter],
         layers: Mapping[str, BlendedLoRALinear],
-        collect_inputs: Callable[[], dict[str, dict[str, torch.Tensor]]],
+        collect_inputs: Callable[..., dict[str, dict[str, torch.Tensor]] | None],
         on_evict: Callable[[str], None],
     ) -> None:
         self.settings = settings
@@ -59,6 +60,8 @@ class Merging:
         self._collect_inputs = collect_inputs
         self._inputs: dict[str, dict[str, torch.Tensor]] | None = None
         self._inputs_lock = threading.Lock()
+        self._closing = threading.Event()
+        self._warm_thread: threading.Thread | None = None
         # Builds run in the requests' own threads (beside the decode loop), at most
         # `merge_max_builds` at once so that decoding keeps its core; at most
         # `merge_build_queue` more wait; beyond that a miss is refused with 503.
@@ -161,13 +164,20 @@ class Merging:
             try:
                 with self._inputs_lock:
                     if self._inputs is None:
-                        self._inputs = self._collect_inputs()
+                        self._inputs = self._collect_inputs(stop=self._closing.is_set)
             except Exception:  # a request that needs them will collect (and fail) itself
                 log.exception("collecting TE's exemplar activations failed")
 
         thread = threading.Thread(target=run, name="dynamerge-te-inputs", daemon=True)
+        self._warm_thread = thread
         thread.start()
         return thread
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop a background collection between two tasks and wait for it."""
+        self._closing.set()
+        if self._warm_thread is not None:
+            self._warm_thread.join(timeout)
 
     def _build(self, key: VirtualKey, options: MergeOptions) -> VirtualAdapter:
         virtual = self.factory.build(key, options)
@@ -185,6 +195,7 @@ class Merging:
             if self._inputs is None:
                 self._inputs = self._collect_inputs()
             inputs = self._inputs
+            assert inputs is not None
         return [inputs[module][a] for a in adapter_ids]
 
 
@@ -192,21 +203,24 @@ def _module_order(name: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in name.split("."))
 
 
-def task_inputs_collector(engine) -> Callable[[], dict[str, dict[str, torch.Tensor]]]:
+def task_inputs_collector(engine) -> Callable[..., dict[str, dict[str, torch.Tensor]] | None]:
     """Collect TE's exemplar activations through `engine`'s model, task by task, from the
     disk cache (`TaskInputsCache` under `cache_dir`) where it has them. The model lock is
     held for one task at a time, so that decoding steps slip in between tasks."""
     settings = engine.settings
-    disk = (TaskInputsCache(Path(settings.cache_dir) / "te_inputs", settings.base_model)
+    disk = (TaskInputsCache(Path(settings.cache_dir) / "te_inputs", base_model_path(settings))
             if settings.embedding_cache else None)
 
     def render(text: str) -> str:
         return engine.render_chat([{"role": "user", "content": text}])
 
-    def collect() -> dict[str, dict[str, torch.Tensor]]:
+    def collect(stop: Callable[[], bool] = lambda: False
+                ) -> dict[str, dict[str, torch.Tensor]] | None:
         per_task = settings.te_exemplars_per_task
         result: dict[str, dict[str, torch.Tensor]] = {name: {} for name in engine.layers}
         for task in engine.store.ids():
+            if stop():  # shutting down: torch must not run in a thread at interpreter exit
+                return None
             texts = list(engine.store.spec(task).exemplars)[:per_task]
             key = disk.key([render(t) for t in texts], per_task) if disk is not None else None
             found = disk.get(key) if disk is not None and key is not None else None
