@@ -22,6 +22,7 @@ from adapters.merge.ops import weighted_sum
 from adapters.virtual import SetContributions
 from app.api.errors import error_body, error_headers
 from app.engine.activations import TaskInputsCache, collect_task_inputs
+from app.engine.base_model import base_model_path
 from app.engine.merging import MergeQueueFullError, Merging, task_inputs_collector
 from app.engine.types import MergeSpec
 
@@ -205,23 +206,24 @@ def test_te_activations_are_cached_on_disk_and_equal_a_fresh_collection(micro_en
     thread.join(timeout=60)
     assert not thread.is_alive() and engine.merging._inputs is not None
     folder = Path(engine.settings.cache_dir) / "te_inputs"
-    files = sorted(folder.glob("*.safetensors"))
-    assert len(files) == len(engine.store.ids())
 
     def render(text: str) -> str:
         return engine.render_chat([{"role": "user", "content": text}])
 
     per_task = engine.settings.te_exemplars_per_task
+    disk = TaskInputsCache(folder, base_model_path(engine.settings))
+    keys = sorted(disk.key([render(t) for t in list(engine.store.spec(a).exemplars)[:per_task]],
+                           per_task) for a in engine.store.ids())
+    assert all((folder / f"{k}.safetensors").is_file() for k in keys)  # one file per task
     with engine.model_lock:
         fresh = collect_task_inputs(
             engine.model, engine.layers, engine.tokenizer, render,
             {a: engine.store.spec(a).exemplars for a in engine.store.ids()}, per_task)
-    files[0].write_bytes(b"not a safetensors file")  # a damaged entry is collected again
+    (folder / f"{keys[0]}.safetensors").write_bytes(b"junk")  # a damaged entry: collect again
     cached = task_inputs_collector(engine)()
     for module, by_task in fresh.items():
         for task, inputs in by_task.items():
             torch.testing.assert_close(cached[module][task], inputs, atol=1e-6, rtol=1e-6)
-    assert len(sorted(folder.glob("*.safetensors"))) == len(files)
+    assert disk.get(keys[0]) is not None  # rewritten
 
-    disk = TaskInputsCache(folder, engine.settings.base_model)
     assert disk.key(["a", "b"], 2) != disk.key(["a", "c"], 2) != disk.key(["a", "b"], 3)
