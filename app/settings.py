@@ -95,18 +95,36 @@ class Settings(BaseSettings):
     max_virtual_adapters: int = Field(default=8, ge=1, le=1024)
     """Slots for merged results of non-linear methods, beside the adapter slots; also the
     most merges the cache keeps (least recently used ones leave first)."""
-    merge_storage: Literal["svd", "exact"] = "svd"
-    """How a non-linear merge is stored: truncated SVD at `merge_rank`, or exactly."""
+    merge_storage: Literal["svd", "exact"] = "exact"
+    """How a non-linear merge is stored: exactly (full-rank TIES/DARE/NeuroMerging results
+    dense, TE's as compact factors, Twin's as its factors), or a randomized rank-`merge_rank`
+    SVD (smaller, 18-53% relative error on the demo; docs/benchmarks.md)."""
     merge_rank: int = Field(default=64, ge=1)
-    """Rank of SVD-stored merges."""
+    """Rank of SVD-stored merges (`merge_storage="svd"` or a request's `merge.storage`)."""
     merge_cache_bytes: int = Field(default=1 << 30, ge=0)
     """Memory budget of the virtual-adapter LRU cache."""
     merge_prepared_bytes: int = Field(default=2 << 30, ge=0)
-    """Memory budget for memoised per-adapter merge preparations (masks, projections)."""
+    """Memory budget for memoised per-adapter merge preparations (masks, projections) and
+    per-set sign elections (TIES, DARE, NeuroMerging: a new mix of a known set is one weighted
+    sum)."""
+    merge_set_bytes: int = Field(default=2 << 30, ge=0)
+    """Memory budget for memoised per-set elections (TIES, DARE, NeuroMerging): a set of K
+    adapters holds K float32 deltas of every module (about 1 GB for a top-3 on the demo)."""
+    merge_half_sets: bool = False
+    """Memoise the per-set elections in scaled float16: half the memory, relative error below
+    1e-3 instead of exact (docs/benchmarks.md)."""
+    merge_max_builds: int = Field(default=1, ge=1, le=64)
+    """Merges built at once (each in its request's thread, beside the decode loop): 1 leaves
+    the other core to decoding on a 2-core machine."""
+    merge_build_queue: int = Field(default=4, ge=0)
+    """Merge builds that may wait for a build slot; a further miss gets 503 + Retry-After."""
     merge_weight_step: float = Field(default=0.01, gt=0, le=1)
     """Routing weights are rounded to this step in the merge cache key."""
     te_exemplars_per_task: int = Field(default=16, ge=2)
     """Exemplars per task whose activations score TE-Merging's neuron relevance."""
+    te_warm_inputs: bool = True
+    """Collect TE-Merging's exemplar activations in the background at start-up (from the disk
+    cache under `cache_dir` when `embedding_cache` is on), so its first merge does not wait."""
 
     # --- generation -----------------------------------------------------------------------
     default_max_tokens: int = Field(default=128, ge=1)

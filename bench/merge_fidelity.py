@@ -24,6 +24,7 @@ import math
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,12 +37,14 @@ import torch
 from tqdm.auto import tqdm
 
 from adapters.merge import MERGE_METHODS, CacheStats, get_merge_method
+from adapters.virtual import SetContributions
 from adapters.zoo.tasks import answers_match
 from app.engine.blend import AUTO_MODEL, Blend, blend_for
 from app.engine.engine import Engine
 from app.engine.types import GenerationRequest, MergeSpec, SamplingParams
 from bench.quality import build_engine
 from bench.quality_lib import EvalSet, generate, load_eval_sets, token_budget
+from router_index.router import RoutingOptions
 
 NON_LINEAR = tuple(m for m in MERGE_METHODS if m != "linear")
 HIT_REPEATS = 200
@@ -51,12 +54,15 @@ HIT_REPEATS = 200
 class BuildCost:
     method: str
     first_s: float  # preparation + combination + storage (server default storage)
-    rebuild_s: float  # preparation memoised: combination + storage
-    rebuild_exact_s: float  # the same, stored exactly
+    rebuild_s: float  # a new mix of the same set: preparation and set election memoised
+    new_set_s: float  # a new set of prepared adapters: the election + combination + storage
+    rebuild_svd_s: float  # a new mix stored at rank `--rank` (randomized SVD)
     hit_us: float  # a cache hit
     mbytes: float  # stored size, server default storage
-    mbytes_exact: float
+    mbytes_svd: float  # stored size at rank `--rank`
     relative_error: float  # of the default storage
+    relative_error_svd: float  # of rank `--rank` storage
+    relative_error_half: float | None  # of per-set elections memoised in fp16 (if linear)
 
 
 @dataclass(frozen=True)
@@ -65,10 +71,26 @@ class MergeReport:
     svd_errors: dict[str, dict[int, float]]  # method -> rank -> relative Frobenius error
     accuracy: dict[str, dict[str, float]] | None  # storage -> task -> exact match in [0, 1]
     cache: CacheStats
+    slowdown: list[Slowdown]
 
 
 def routed_blend(engine: Engine, prompt: str) -> Blend:
     return blend_for(AUTO_MODEL, engine.route(prompt))
+
+
+def parse_blend(text: str) -> Blend:
+    pairs = [part.split("=") for part in text.split(",")]
+    return tuple((a.strip(), float(w)) for a, w in pairs)
+
+
+def top3_blend(engine: Engine, prompt: str) -> Blend:
+    """The router's blend; when calibration's sharp temperature leaves fewer than 3 adapters,
+    the router's top-3 at the uncalibrated default temperature (0.02), every hit kept."""
+    blend = routed_blend(engine, prompt)
+    if len(blend) >= 3 or len(engine.adapter_ids()) < 3:
+        return blend
+    decision = engine.route(prompt, RoutingOptions(top_k=3, threshold=0.0))
+    return tuple((a, round(w, 2)) for a, w in blend_for(AUTO_MODEL, decision) if w >= 0.005)
 
 
 def shifted(blend: Blend, by: float = 0.05) -> Blend:
@@ -80,8 +102,21 @@ def shifted(blend: Blend, by: float = 0.05) -> Blend:
     return ((a, wa - by), (b, wb + by), *rest)
 
 
-def build_costs(engine: Engine, blend: Blend, methods: Sequence[str]) -> list[BuildCost]:
+def other_adapter(engine: Engine, blend: Blend) -> str:
+    return next(a for a in engine.adapter_ids() if a not in dict(blend))
+
+
+def build_costs(engine: Engine, blend: Blend, methods: Sequence[str], rank: int
+                ) -> list[BuildCost]:
+    """Per method: the first build, a new mix of the same set, a new set of already prepared
+    adapters (the blend's first adapter swapped for another, after a warm-up that prepared
+    it), the same at rank `rank`, and a hit."""
     merging = engine.merging
+    extra = other_adapter(engine, blend)
+    (first_id, first_w), *rest = blend
+    warm_set = ((extra, first_w), *rest)  # prepares `extra`
+    # every adapter prepared, the set new
+    new_set = ((first_id, first_w), (extra, rest[0][1] if rest else 0.1), *rest[1:])
     rows = []
     for method in tqdm(methods, desc="build cost", unit="method", leave=False):
         spec = MergeSpec(method=method)
@@ -92,19 +127,85 @@ def build_costs(engine: Engine, blend: Blend, methods: Sequence[str]) -> list[Bu
         started = time.perf_counter()
         merging.virtual_for(shifted(blend), spec)
         rebuild = time.perf_counter() - started
-        exact = MergeSpec(method=method, storage="exact")
+        merging.virtual_for(warm_set, spec)
         started = time.perf_counter()
-        exact_virtual, _ = merging.virtual_for(shifted(blend, 0.1), exact)
-        rebuild_exact = time.perf_counter() - started
+        merging.virtual_for(new_set, spec)
+        new_set_s = time.perf_counter() - started
+        svd = MergeSpec(method=method, storage="svd", rank=rank)
+        started = time.perf_counter()
+        svd_virtual, _ = merging.virtual_for(shifted(blend, 0.1), svd)
+        rebuild_svd = time.perf_counter() - started
         started = time.perf_counter()
         for _ in range(HIT_REPEATS):
             _, hit = merging.virtual_for(blend, spec)
             assert hit, f"{method}: a repeated request missed the cache"
         hit_us = 1e6 * (time.perf_counter() - started) / HIT_REPEATS
-        rows.append(BuildCost(method, first, rebuild, rebuild_exact, hit_us,
-                              virtual.nbytes() / 2**20, exact_virtual.nbytes() / 2**20,
-                              virtual.relative_error))
+        rows.append(BuildCost(method, first, rebuild, new_set_s, rebuild_svd, hit_us,
+                              virtual.nbytes() / 2**20, svd_virtual.nbytes() / 2**20,
+                              virtual.relative_error, svd_virtual.relative_error,
+                              half_error(engine, blend, method)))
     return rows
+
+
+def half_error(engine: Engine, blend: Blend, method_name: str) -> float | None:
+    """Relative Frobenius error, over all modules, of the merge built from per-set elections
+    memoised in scaled fp16 (`DYNAMERGE_MERGE_HALF_SETS`) against float32; None when the
+    method has no per-set contributions."""
+    method = get_merge_method(method_name)
+    params = method.params()
+    ids = [a for a, _ in blend]
+    weights = torch.tensor([w for _, w in blend], dtype=torch.float32)
+    factory = engine.merging.factory
+    diff = total = 0.0
+    for module in list(dict.fromkeys(m for a in ids for m in engine.store.spec(a).modules)):
+        contributions = method.contributions(factory.prepared(method, params, ids, module),
+                                             params)
+        if contributions is None:
+            return None
+        exact = SetContributions.pack(contributions).weighted_sum(weights)
+        half = SetContributions.pack(contributions, half=True).weighted_sum(weights)
+        diff += float((half - exact).double().square().sum())
+        total += float(exact.double().square().sum())
+    return math.sqrt(diff / total) if total else 0.0
+
+
+@dataclass(frozen=True)
+class Slowdown:
+    method: str
+    alone_tok_s: float  # a running stream's decode rate, nothing else happening
+    during_tok_s: float  # the same stream while a merge (a new set) builds beside it
+    build_s: float  # how long that build took, beside the stream
+
+
+def decode_slowdown(engine: Engine, blend: Blend, method: str, tokens: int) -> Slowdown:
+    """Decode rate of a linear-blend stream alone, then while a merge of a new adapter set is
+    built in another thread (as a request thread of the server would)."""
+    prompt = engine.render_chat([{"role": "user", "content": "Tell me a long story."}])
+
+    def rate() -> float:
+        request = GenerationRequest(prompt=prompt, route_text="story", mix=blend,
+                                    sampling=SamplingParams(max_tokens=tokens, temperature=0.0,
+                                                            ignore_eos=True))
+        started = time.perf_counter()
+        _, final = engine.submit(request).result()
+        return final.completion_tokens / (time.perf_counter() - started)
+
+    rate()  # warm-up
+    alone = rate()
+    extra = [a for a in engine.adapter_ids() if a not in dict(blend)]
+    fresh = tuple((a, 0.3) for a in extra[:3])  # a set no build has seen
+    built: list[float] = []
+
+    def build() -> None:
+        started = time.perf_counter()
+        engine.merging.virtual_for(fresh, MergeSpec(method=method))
+        built.append(time.perf_counter() - started)
+
+    thread = threading.Thread(target=build)
+    thread.start()
+    during = rate()
+    thread.join()
+    return Slowdown(method, alone, during, built[0])
 
 
 def svd_errors(
@@ -158,16 +259,27 @@ def accuracy_rows(
     return table
 
 
-def print_build_costs(rows: list[BuildCost], blend: Blend, storage: str) -> None:
+def print_build_costs(rows: list[BuildCost], blend: Blend, storage: str, rank: int) -> None:
     mix = ", ".join(f"{a}={w:.2f}" for a, w in blend)
     print(f"\n## Build cost per method (blend {mix}; default storage {storage})\n")
-    print("| method | first build (s) | rebuild (s) | rebuild, exact (s) | cache hit (µs) "
-          "| size (MB) | size exact (MB) | rel. error |")
-    print("|---|--:|--:|--:|--:|--:|--:|--:|")
+    print(f"| method | first build (s) | new mix (s) | new set (s) | new mix @{rank} (s) "
+          f"| cache hit (µs) | size (MB) | size @{rank} (MB) | rel. error | "
+          f"rel. error @{rank} | rel. error fp16 sets |")
+    print("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
     for r in rows:
-        print(f"| {r.method} | {r.first_s:.2f} | {r.rebuild_s:.2f} | {r.rebuild_exact_s:.2f} "
-              f"| {r.hit_us:.0f} | {r.mbytes:.1f} | {r.mbytes_exact:.1f} "
-              f"| {r.relative_error:.4f} |")
+        half = "" if r.relative_error_half is None else f"{r.relative_error_half:.1e}"
+        print(f"| {r.method} | {r.first_s:.2f} | {r.rebuild_s:.2f} | {r.new_set_s:.2f} "
+              f"| {r.rebuild_svd_s:.2f} | {r.hit_us:.0f} | {r.mbytes:.1f} | {r.mbytes_svd:.1f} "
+              f"| {r.relative_error:.4f} | {r.relative_error_svd:.4f} | {half} |")
+
+
+def print_slowdown(rows: list[Slowdown]) -> None:
+    print("\n## Decode rate of a running stream while a merge builds beside it\n")
+    print("| method | alone (tok/s) | during a build (tok/s) | ratio | build beside it (s) |")
+    print("|---|--:|--:|--:|--:|")
+    for r in rows:
+        print(f"| {r.method} | {r.alone_tok_s:.1f} | {r.during_tok_s:.1f} "
+              f"| {r.during_tok_s / r.alone_tok_s:.2f} | {r.build_s:.2f} |")
 
 
 def print_svd_errors(errors: dict[str, dict[int, float]], ranks: Sequence[int]) -> None:
@@ -199,6 +311,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=NON_LINEAR, default=list(NON_LINEAR))
     parser.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16, 32, 64, 128],
                         help="ranks of the SVD fidelity table")
+    parser.add_argument("--blend", default=None,
+                        help="the build-cost blend as id=weight,...; default: the router's "
+                             "blend for the first task's first eval prompt, widened to the "
+                             "top-3 at the uncalibrated temperature if calibration leaves fewer")
+    parser.add_argument("--rank", type=int, default=64, help="rank of the svd storage column")
+    parser.add_argument("--slowdown-methods", nargs="*", choices=NON_LINEAR,
+                        default=["ties", "neuro"],
+                        help="methods whose build runs beside a decoding stream (none: skip)")
+    parser.add_argument("--slowdown-tokens", type=int, default=64)
     parser.add_argument("--accuracy-method", choices=NON_LINEAR, default="ties")
     parser.add_argument("--accuracy-ranks", type=int, nargs="*", default=[8, 16, 32, 64],
                         help="ranks of the accuracy table (none: skip it)")
@@ -220,12 +341,15 @@ def main(argv: Sequence[str] | None = None) -> MergeReport:
             store = Path(engine.settings.adapter_store)
             tasks = [a for a in engine.adapter_ids() if (store / a / "eval.jsonl").is_file()]
             eval_sets = load_eval_sets(store, tasks, args.limit)
-            blend = routed_blend(engine, eval_sets[tasks[0]].prompts[0])
+            blend = (parse_blend(args.blend) if args.blend
+                     else top3_blend(engine, eval_sets[tasks[0]].prompts[0]))
             started = time.perf_counter()
             first_module = next(iter(engine.store.spec(tasks[0]).modules))
             engine.merging.task_inputs(tasks[:1], first_module)
             collect_s = time.perf_counter() - started
-            costs = build_costs(engine, blend, args.methods)
+            costs = build_costs(engine, blend, args.methods, args.rank)
+            slowdown = [decode_slowdown(engine, blend, m, args.slowdown_tokens)
+                        for m in tqdm(args.slowdown_methods, desc="slowdown", leave=False)]
             svd_methods = [m for m in args.methods if m != "twin"]  # Twin is stored exactly
             errors = svd_errors(engine, blend, svd_methods, args.ranks)
             accuracy = (accuracy_rows(engine, eval_sets, args.accuracy_method,
@@ -239,13 +363,15 @@ def main(argv: Sequence[str] | None = None) -> MergeReport:
           f"{engine.threads} torch threads, {len(tasks)} adapters, "
           f"{len(engine.layers)} blended modules; "
           f"TE exemplar activations collected once in {collect_s:.2f} s")
-    print_build_costs(costs, blend, f"{settings.merge_storage}@{settings.merge_rank}")
+    print_build_costs(costs, blend, settings.merge_storage, args.rank)
+    if slowdown:
+        print_slowdown(slowdown)
     print_svd_errors(errors, args.ranks)
     if accuracy is not None:
         print_accuracy(accuracy, args.accuracy_method)
     print(f"\ncache: {stats.hits} hits, {stats.misses} misses, {stats.evictions} evictions, "
           f"{stats.build_seconds:.1f} s building, {stats.bytes_used / 2**20:.0f} MiB held")
-    return MergeReport(costs, errors, accuracy, stats)
+    return MergeReport(costs, errors, accuracy, stats, slowdown)
 
 
 if __name__ == "__main__":

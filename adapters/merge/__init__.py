@@ -17,7 +17,13 @@ from adapters.merge.registry import (
     get_merge_method,
     make_params,
 )
-from adapters.merge.svd import exact_low_rank, relative_error, truncated_svd
+from adapters.merge.svd import (
+    compact_low_rank,
+    exact_low_rank,
+    randomized_low_rank,
+    relative_error,
+    truncated_svd,
+)
 from adapters.merge.te import TeParams, TePrepared
 from adapters.merge.ties import TiesParams
 from adapters.merge.twin import TwinParams, TwinPrepared
@@ -42,9 +48,11 @@ __all__ = [
     "UnknownMergeMethodError",
     "VirtualAdapterCache",
     "VirtualKey",
+    "compact_low_rank",
     "exact_low_rank",
     "get_merge_method",
     "make_params",
+    "randomized_low_rank",
     "relative_error",
     "tensor_nbytes",
     "truncated_svd",

@@ -111,6 +111,10 @@ class MergeMethod(ABC, Generic[P, Prep]):
     """One adapter at weight 1 gives that adapter's delta back, at default parameters."""
     prunes: ClassVar[bool] = False
     """Preparation removes part of each delta (`removed_l1_fraction` says how much)."""
+    low_rank_result: ClassVar[bool] = False
+    """The merged delta's rank is at most the sum of the adapters' LoRA ranks (te: row-masked
+    sums of LoRA deltas), so exact storage finds compact factors; otherwise the result is
+    full-rank (trim and drop masks) and exact storage keeps it dense, with no SVD tried."""
 
     def params(self, **overrides: Any) -> P:
         """Build validated parameters from defaults and overrides (e.g. a request's `merge`).
@@ -160,6 +164,20 @@ class MergeMethod(ABC, Generic[P, Prep]):
                         params: P) -> tuple[Tensor, Tensor] | None:
         """The merged delta as low-rank factors `(B [out, r], A [r, in])`, when the method
         can give it without a dense intermediate; None otherwise (then use `combine`)."""
+        return None
+
+    def contributions(self, prepared: Sequence[Prep], params: P) -> Tensor | None:
+        """The per-set, weight-independent part of the merge, when the method is linear in the
+        request's weights once its adapter set is fixed; None otherwise.
+
+        Semantics (what `combine` must equal, for every weight vector w):
+            E = contributions(prepared, params)            [K, out, in]
+            combine(prepared, w, params) == sum_k w[k] * E[k]
+
+        TIES-style methods elect signs on the UNweighted task vectors and divide by a count,
+        not a weight sum (PEFT semantics), so the election, its masks and its divisor depend on
+        the adapter set alone: a new mix of the same adapters then costs one weighted sum.
+        """
         return None
 
     def removed_l1_fraction(self, delta: Tensor, prepared: Prep, params: P) -> float | None:

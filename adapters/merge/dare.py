@@ -24,7 +24,7 @@ from adapters.merge.base import (
     check_number,
     weight_tensor,
 )
-from adapters.merge.ops import elect_and_mean, l1_removed, weighted_sum
+from adapters.merge.ops import elect_and_mean, elected_contributions, l1_removed, weighted_sum
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,10 @@ class DareLinearMerge(MergeMethod[DareParams, Tensor]):
         w = weight_tensor(weights, len(prepared), prepared[0], self.name)
         return weighted_sum(torch.stack(list(prepared)), w)
 
+    def contributions(self, prepared: Sequence[Tensor], params: DareParams) -> Tensor:
+        check_deltas(prepared, self.name)
+        return torch.stack(list(prepared))
+
     def removed_l1_fraction(self, delta: Tensor, prepared: Tensor, params: DareParams) -> float:
         # undo the rescale: the removed mass is that of the dropped entries
         return l1_removed(delta, prepared * (1.0 - params.drop_rate))
@@ -140,3 +144,8 @@ class DareTiesMerge(DareLinearMerge):
         check_deltas(prepared, self.name)
         w = weight_tensor(weights, len(prepared), prepared[0], self.name)
         return elect_and_mean(torch.stack(list(prepared)), w, params.majority_sign_method)
+
+    def contributions(self, prepared: Sequence[Tensor],
+                      params: DareTiesParams) -> Tensor:  # type: ignore[override]
+        check_deltas(prepared, self.name)
+        return elected_contributions(torch.stack(list(prepared)), params.majority_sign_method)

@@ -45,7 +45,12 @@ from adapters.merge.base import (
     inputs_for,
     weight_tensor,
 )
-from adapters.merge.ops import elect_and_mean, l1_removed, magnitude_mask
+from adapters.merge.ops import (
+    elect_and_mean,
+    elected_contributions,
+    l1_removed,
+    magnitude_mask,
+)
 
 ORTHOGONAL_MERGES = ("svd", "coordinate")
 _SNAP_RTOL = 1e-5  # SVD coordinates below this fraction of a neuron's s_max are round-off
@@ -114,6 +119,17 @@ def _merge_svd(orth: Tensor, w: Tensor, method: str) -> Tensor:
     return torch.einsum("oj,oji->oi", merged, vh).to(orth.dtype)
 
 
+def _contributions_svd(orth: Tensor, method: str) -> Tensor:
+    """`_merge_svd` split per task before weighting: [K, out, in] (same SVD, same snap)."""
+    work = orth.transpose(0, 1).float()  # [out, K, in]
+    u, s, vh = torch.linalg.svd(work, full_matrices=False)
+    coords = u * s[:, None, :]
+    tol = _SNAP_RTOL * s[:, :1, None]
+    coords = torch.where(coords.abs() <= tol, 0.0, coords)
+    per_task = elected_contributions(coords.transpose(0, 1), method)  # [K, out, K dirs]
+    return torch.einsum("koj,oji->koi", per_task, vh).to(orth.dtype)
+
+
 def _merge_coordinate(orth: Tensor, w: Tensor, method: str, unit: Tensor) -> Tensor:
     merged = elect_and_mean(orth, w, method)
     return split_rows(merged, unit)[1]
@@ -170,6 +186,22 @@ class NeuroMerge(MergeMethod[NeuroParams, NeuroPrepared]):
                                   params.majority_sign_method)
             merged = merged + params.lambda_1 * coef[:, None] * unit
         return merged
+
+    def contributions(self, prepared: Sequence[NeuroPrepared], params: NeuroParams) -> Tensor:
+        check_deltas([p.orthogonal for p in prepared], self.name)
+        unit = prepared[0].unit_rows
+        orth = torch.stack([p.orthogonal for p in prepared])
+        if params.orthogonal_merge == "svd":
+            out = _contributions_svd(orth, params.majority_sign_method)
+        else:  # the projection back onto the orthogonal complement is linear: per task
+            per_task = elected_contributions(orth, params.majority_sign_method)
+            out = per_task - (per_task * unit).sum(dim=2, keepdim=True) * unit
+        out = out * self.lambda_2(prepared, params)
+        if params.lambda_1 != 0:
+            coef = elected_contributions(torch.stack([p.parallel for p in prepared]),
+                                         params.majority_sign_method)  # [K, out]
+            out = out + params.lambda_1 * coef[:, :, None] * unit
+        return out
 
     @staticmethod
     def lambda_2(prepared: Sequence[NeuroPrepared], params: NeuroParams) -> float:

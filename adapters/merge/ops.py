@@ -70,6 +70,18 @@ def elect_and_mean(stacked: Tensor, weights: Tensor, method: str) -> Tensor:
     return disjoint_mean(stacked * w, mask)
 
 
+def elected_contributions(stacked: Tensor, method: str) -> Tensor:
+    """`elect_and_mean` split per task before weighting: E[k] = stacked[k] * agree[k] / count.
+
+    Semantics:
+        elect_and_mean(stacked, w, method) == sum_k w[k] * E[k]      for every w
+    (the election and the divisor do not look at the weights).
+    """
+    mask = majority_sign_mask(stacked, method)
+    count = mask.sum(dim=0, dtype=stacked.dtype).clamp_(min=1)
+    return stacked.mul(mask).div_(count)
+
+
 def weighted_sum(stacked: Tensor, weights: Tensor) -> Tensor:
     """sum_k weights[k] * stacked[k] for stacked [K, out, in] and weights [K]."""
     return torch.einsum("k,koi->oi", weights, stacked)

@@ -59,6 +59,48 @@ def exact_low_rank(delta: Tensor, rtol: float = 1e-6) -> tuple[Tensor, Tensor]:
     return _factors(u, s, vh, r, delta.dtype)
 
 
+def randomized_low_rank(delta: Tensor, rank: int, *, oversample: int = 8,
+                        niter: int = 2) -> tuple[Tensor, Tensor]:
+    """Rank-`rank` factors of `delta` by a randomized range finder (`torch.svd_lowrank`,
+    Halko et al.), without the full SVD: O(out * in * (rank + oversample)) per power iteration.
+
+    Near-optimal, not Eckart-Young optimal: with a decaying spectrum the error is within a
+    small factor of `truncated_svd`'s (tests/test_merge_speed.py states the tolerance). When
+    `rank + oversample` reaches min(out, in) it falls back to the full SVD (no saving left).
+
+    Returns:
+        (B [out, r], A [r, in]) in `delta`'s dtype, sqrt(S) on both sides as `truncated_svd`.
+    """
+    check_int("rank", rank, lo=1)
+    if delta.dim() != 2:
+        raise ValueError(f"delta must be 2-D [out, in], got shape {tuple(delta.shape)}")
+    q = rank + oversample
+    if q >= min(delta.shape):
+        return truncated_svd(delta, rank)
+    work = delta if delta.dtype in (torch.float32, torch.float64) else delta.float()
+    # a fixed generator state: the same merge gives the same factors on every build
+    with torch.random.fork_rng(devices=[work.device] if work.is_cuda else []):
+        torch.manual_seed(0)
+        u, s, v = torch.svd_lowrank(work, q=q, niter=niter)
+    return _factors(u, s, v.T, min(rank, s.numel()), delta.dtype)
+
+
+def compact_low_rank(delta: Tensor, rank_bound: int, rtol: float = 1e-5
+                     ) -> tuple[Tensor, Tensor] | None:
+    """Factors of `delta` when its rank is at most `rank_bound` (e.g. a row-masked sum of LoRA
+    deltas, whose rank is at most the sum of their ranks), found by `randomized_low_rank`; None
+    when the factors would not be smaller than `delta` or miss it by more than `rtol` (relative
+    Frobenius), so that the caller stores it dense. Never a full SVD.
+    """
+    check_int("rank_bound", rank_bound, lo=1)
+    if rank_bound * sum(delta.shape) >= delta.numel():
+        return None
+    b, a = randomized_low_rank(delta, rank_bound)
+    if relative_error(delta, b, a) > rtol:
+        return None
+    return b, a
+
+
 def relative_error(delta: Tensor, b: Tensor, a: Tensor) -> float:
     """||delta - B @ A||_F / ||delta||_F (absolute error when `delta` is zero)."""
     diff = torch.linalg.matrix_norm((delta - b @ a).float())

@@ -167,6 +167,7 @@ class TeMerge(MergeMethod[TeParams, TePrepared]):
     params_type = TeParams
     needs = frozenset({"task_inputs"})
     set_dependent = True  # negatives are the other tasks' exemplars
+    low_rank_result = True  # row-masked sums of LoRA deltas: rank <= the sum of their ranks
     exact_single = False
     prunes = True
 

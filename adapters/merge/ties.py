@@ -18,7 +18,7 @@ from adapters.merge.base import (
     check_number,
     weight_tensor,
 )
-from adapters.merge.ops import elect_and_mean, l1_removed, magnitude_mask
+from adapters.merge.ops import elect_and_mean, elected_contributions, l1_removed, magnitude_mask
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,10 @@ class TiesMerge(MergeMethod[TiesParams, Tensor]):
         check_deltas(prepared, self.name)
         w = weight_tensor(weights, len(prepared), prepared[0], self.name)
         return elect_and_mean(torch.stack(list(prepared)), w, params.majority_sign_method)
+
+    def contributions(self, prepared: Sequence[Tensor], params: TiesParams) -> Tensor:
+        check_deltas(prepared, self.name)
+        return elected_contributions(torch.stack(list(prepared)), params.majority_sign_method)
 
     def removed_l1_fraction(self, delta: Tensor, prepared: Tensor, params: TiesParams) -> float:
         return l1_removed(delta, prepared)

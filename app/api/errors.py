@@ -34,6 +34,7 @@ from adapters.errors import (
     UnsafeAdapterError,
 )
 from adapters.merge import MERGE_METHODS, MergeParameterError, UnknownMergeMethodError
+from app.engine.merging import MergeQueueFullError
 from app.engine.types import (
     AdapterPlacementError,
     ContextLengthExceededError,
@@ -134,6 +135,7 @@ ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     InvalidRequestError: ErrorKind(400, _INVALID, "invalid_parameter"),
     ContextLengthExceededError: ErrorKind(400, _INVALID, "context_length_exceeded"),
     EngineOverloadedError: ErrorKind(429, "rate_limit_error", "overloaded"),
+    MergeQueueFullError: ErrorKind(503, "service_unavailable_error", "merge_queue_full"),
     EngineNotReadyError: ErrorKind(503, "service_unavailable_error", "not_ready"),
     EngineDeadError: ErrorKind(503, "service_unavailable_error", "engine_dead"),
     AdapterPlacementError: ErrorKind(503, "service_unavailable_error", "adapter_placement"),

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from app.engine.blended_lora import BlendedLoRALinear
+
+log = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
@@ -50,3 +58,51 @@ def collect_task_inputs(
         for hook in hooks:
             hook.remove()
     return result
+
+
+class TaskInputsCache:
+    """TE's exemplar activations on disk, one safetensors file per task, so that a restart
+    does not run the exemplars through the model again (like router_index.embedding_cache).
+
+    The key hashes the base model's identity (its path, and the size and mtime of its weight
+    files), the exemplar count and the rendered exemplar prompts, so a changed base, chat
+    template or exemplar file simply misses. Writes are atomic (temp file, then rename).
+    """
+
+    def __init__(self, directory: Path, base_model: Path | str) -> None:
+        self.directory = Path(directory)
+        self.base_id = _base_identity(Path(base_model))
+
+    def key(self, rendered: Sequence[str], per_task: int) -> str:
+        digest = hashlib.sha256(f"{self.base_id}|{per_task}".encode())
+        for text in rendered:
+            digest.update(b"\x00")
+            digest.update(text.encode("utf-8"))
+        return digest.hexdigest()
+
+    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        path = self.directory / f"{key}.safetensors"
+        if not path.is_file():
+            return None
+        try:
+            return load_file(path)
+        except Exception:  # a damaged entry: collect again (and overwrite it)
+            log.warning("TE activation cache entry %s unreadable; collecting again", path.name)
+            return None
+
+    def put(self, key: str, inputs: Mapping[str, torch.Tensor]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file({m: t.contiguous() for m, t in inputs.items()}, tmp)
+            os.replace(tmp, self.directory / f"{key}.safetensors")
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def _base_identity(base: Path) -> str:
+    files = sorted(base.glob("*.safetensors")) if base.is_dir() else [base]
+    stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
+    return f"{base.resolve()}|{stats}"

@@ -177,10 +177,27 @@ class BlendedLoRALinear(nn.Module):
                 part = self.side.get(slot)
                 if part is None:
                     continue
-                weight = batch.mix[:, u, None, None]  # [rows, 1, 1]
-                term = (flat @ part[0].T) @ part[1] if isinstance(part, tuple) else flat @ part.T
-                out.view(rows, -1, self.out_features).add_(
-                    weight * term.view(rows, -1, self.out_features))
+                # only the rows that use this merge pay for it (a dense slot is a full
+                # [out, in] matmul: as costly as the base layer itself)
+                used_rows = batch.memo.get(("side_rows", u))
+                if used_rows is None:
+                    used_rows = batch.mix[:, u].nonzero().flatten()
+                    batch.memo[("side_rows", u)] = used_rows
+                if used_rows.numel() == 0:
+                    continue
+                every = used_rows.numel() == rows
+                xs = flat.view(rows, -1, self.in_features)
+                xs = xs if every else xs.index_select(0, used_rows)
+                weight = batch.mix.index_select(0, used_rows)[:, u, None, None]  # [n, 1, 1]
+                if isinstance(part, tuple):
+                    delta = weight * ((xs @ part[0].T) @ part[1])
+                else:
+                    delta = weight * (xs @ part.T)
+                by_row = out.view(rows, -1, self.out_features)
+                if every:
+                    by_row.add_(delta)
+                else:
+                    by_row.index_add_(0, used_rows, delta)
         return y
 
     def _gathered(self, batch: BlendBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -106,6 +106,8 @@ class Engine:
         metrics.ENGINE_STATE.attach(self._snapshot)
         self._warm_up()
         self._ready = True
+        if s.te_warm_inputs:
+            self.merging.warm_task_inputs()
         log.info("engine ready: %d adapters in the store (%d refused), %d device slots, on %s",
                  len(self.store), len(self.store.refused), s.max_adapters, self.device)
 
@@ -494,6 +496,8 @@ class Engine:
         return True
 
     def shutdown(self) -> None:
+        if getattr(self, "merging", None) is not None:
+            self.merging.close()
         if self._worker is not None:
             self._queue.put(None)
             self._worker.join(timeout=10)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import torch
 
@@ -18,13 +19,19 @@ from adapters.merge.preview import InterferencePreview, preview
 from adapters.registry import LoraAdapter
 from adapters.virtual import STORAGES, MergeFactory, MergeOptions, VirtualAdapter
 from app import metrics
-from app.engine.activations import collect_task_inputs
+from app.engine.activations import TaskInputsCache, collect_task_inputs
+from app.engine.base_model import base_model_path
 from app.engine.blend import Blend
 from app.engine.blended_lora import BlendedLoRALinear
-from app.engine.types import InvalidRequestError, MergeSpec
+from app.engine.types import EngineNotReadyError, InvalidRequestError, MergeSpec
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+class MergeQueueFullError(EngineNotReadyError):
+    """Every merge build slot and queue place is taken (503, with Retry-After); a request
+    for a merge already being built never gets this: it waits for that build."""
 
 
 class Merging:
@@ -43,7 +50,7 @@ class Merging:
         settings: Settings,
         adapters: Mapping[str, LoraAdapter],
         layers: Mapping[str, BlendedLoRALinear],
-        collect_inputs: Callable[[], dict[str, dict[str, torch.Tensor]]],
+        collect_inputs: Callable[..., dict[str, dict[str, torch.Tensor]] | None],
         on_evict: Callable[[str], None],
     ) -> None:
         self.settings = settings
@@ -53,8 +60,18 @@ class Merging:
         self._collect_inputs = collect_inputs
         self._inputs: dict[str, dict[str, torch.Tensor]] | None = None
         self._inputs_lock = threading.Lock()
+        self._closing = threading.Event()
+        self._warm_thread: threading.Thread | None = None
+        # Builds run in the requests' own threads (beside the decode loop), at most
+        # `merge_max_builds` at once so that decoding keeps its core; at most
+        # `merge_build_queue` more wait; beyond that a miss is refused with 503.
+        self._build_slots = threading.Semaphore(settings.merge_max_builds)
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+        self._mean_build_s = 1.0
         self.factory = MergeFactory(
-            adapters, self._base_weight, self.task_inputs, settings.merge_prepared_bytes
+            adapters, self._base_weight, self.task_inputs, settings.merge_prepared_bytes,
+            half_sets=settings.merge_half_sets, set_budget_bytes=settings.merge_set_bytes,
         )
         self.cache: VirtualAdapterCache[VirtualAdapter] = VirtualAdapterCache(
             settings.merge_cache_bytes,
@@ -91,7 +108,26 @@ class Merging:
         options = self.options(spec)
         ids = [a for a, _ in blend]
         key = self.cache.key(ids, [w for _, w in blend], spec.method, options)
-        return self.cache.get_or_build(key, lambda: self._build(key, options))
+        return self.cache.get_or_build(key, lambda: self._build_bounded(key, options))
+
+    def _build_bounded(self, key: VirtualKey, options: MergeOptions) -> VirtualAdapter:
+        limit = self.settings.merge_max_builds + self.settings.merge_build_queue
+        with self._pending_lock:
+            if self._pending >= limit:
+                wait = self._mean_build_s * (self._pending / self.settings.merge_max_builds)
+                raise MergeQueueFullError(
+                    f"{self._pending} merges are being built or waiting, the most this server "
+                    "queues; retry later", retry_after_s=max(1.0, wait))
+            self._pending += 1
+        try:
+            with self._build_slots:
+                virtual = self._build(key, options)
+            with self._pending_lock:  # a running mean, for Retry-After
+                self._mean_build_s = 0.8 * self._mean_build_s + 0.2 * virtual.build_seconds
+            return virtual
+        finally:
+            with self._pending_lock:
+                self._pending -= 1
 
     def build_static(self, blend: Blend, spec: MergeSpec) -> VirtualAdapter:
         """A merge built outside the cache and the slots (static exports)."""
@@ -120,6 +156,29 @@ class Merging:
             adapter_ids=list(adapter_ids),
         )
 
+    def warm_task_inputs(self) -> threading.Thread:
+        """Collect TE's exemplar activations now, in a background thread (at start-up), so
+        that the first TE merge does not wait for them. Returns the thread."""
+
+        def run() -> None:
+            try:
+                with self._inputs_lock:
+                    if self._inputs is None:
+                        self._inputs = self._collect_inputs(stop=self._closing.is_set)
+            except Exception:  # a request that needs them will collect (and fail) itself
+                log.exception("collecting TE's exemplar activations failed")
+
+        thread = threading.Thread(target=run, name="dynamerge-te-inputs", daemon=True)
+        self._warm_thread = thread
+        thread.start()
+        return thread
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop a background collection between two tasks and wait for it."""
+        self._closing.set()
+        if self._warm_thread is not None:
+            self._warm_thread.join(timeout)
+
     def _build(self, key: VirtualKey, options: MergeOptions) -> VirtualAdapter:
         virtual = self.factory.build(key, options)
         log.info("built %s for %s in %.2f s (relative error %.4f)", virtual.id,
@@ -136,6 +195,7 @@ class Merging:
             if self._inputs is None:
                 self._inputs = self._collect_inputs()
             inputs = self._inputs
+            assert inputs is not None
         return [inputs[module][a] for a in adapter_ids]
 
 
@@ -143,16 +203,36 @@ def _module_order(name: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in name.split("."))
 
 
-def task_inputs_collector(engine) -> Callable[[], dict[str, dict[str, torch.Tensor]]]:
-    """Collect TE's exemplar activations through `engine`'s model, holding its model lock."""
+def task_inputs_collector(engine) -> Callable[..., dict[str, dict[str, torch.Tensor]] | None]:
+    """Collect TE's exemplar activations through `engine`'s model, task by task, from the
+    disk cache (`TaskInputsCache` under `cache_dir`) where it has them. The model lock is
+    held for one task at a time, so that decoding steps slip in between tasks."""
+    settings = engine.settings
+    disk = (TaskInputsCache(Path(settings.cache_dir) / "te_inputs", base_model_path(settings))
+            if settings.embedding_cache else None)
 
-    def collect() -> dict[str, dict[str, torch.Tensor]]:
-        exemplars = {a: engine.store.spec(a).exemplars for a in engine.store.ids()}
-        with engine.model_lock:
-            return collect_task_inputs(
-                engine.model, engine.layers, engine.tokenizer,
-                lambda text: engine.render_chat([{"role": "user", "content": text}]),
-                exemplars, engine.settings.te_exemplars_per_task,
-            )
+    def render(text: str) -> str:
+        return engine.render_chat([{"role": "user", "content": text}])
+
+    def collect(stop: Callable[[], bool] = lambda: False
+                ) -> dict[str, dict[str, torch.Tensor]] | None:
+        per_task = settings.te_exemplars_per_task
+        result: dict[str, dict[str, torch.Tensor]] = {name: {} for name in engine.layers}
+        for task in engine.store.ids():
+            if stop():  # shutting down: torch must not run in a thread at interpreter exit
+                return None
+            texts = list(engine.store.spec(task).exemplars)[:per_task]
+            key = disk.key([render(t) for t in texts], per_task) if disk is not None else None
+            found = disk.get(key) if disk is not None and key is not None else None
+            if found is None or set(found) != set(engine.layers):
+                with engine.model_lock:
+                    found = {m: by_task[task] for m, by_task in collect_task_inputs(
+                        engine.model, engine.layers, engine.tokenizer, render, {task: texts},
+                        per_task).items()}
+                if disk is not None and key is not None:
+                    disk.put(key, found)
+            for module, inputs in found.items():
+                result[module][task] = inputs
+        return result
 
     return collect
