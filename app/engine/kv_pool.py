@@ -73,6 +73,10 @@ class SlotPool:
         self.slots = slots
         self.slot_tokens = slot_tokens
         self.lens = [0] * slots  # tokens with states in each slot
+        # Columns of each slot ever written or zeroed: `torch.empty` may hold NaN, and a
+        # masked column still meets the attention weights (0 * NaN = NaN), so a decode step
+        # zeroes the columns it reads for the first time (once per column: cheap).
+        self._clean = [0] * slots
         self.used = [False] * slots
         self.device = device
         self.copied_tokens = 0  # tokens copied into slots (joins), for tests and metrics
@@ -117,6 +121,7 @@ class SlotPool:
             layer.pool_k[slot, :, :n] = k
             layer.pool_v[slot, :, :n] = v
         self.lens[slot] = n
+        self._clean[slot] = max(self._clean[slot], n)
         self.copied_tokens += n
 
     def read(self, slot: int, tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -130,6 +135,12 @@ class SlotPool:
         one stale column so that no row is fully masked; their outputs are ignored."""
         lens = torch.tensor(self.lens[:hi], device=self.device)
         width = int(lens.max())
+        for slot in range(hi):
+            if self._clean[slot] < width + 1:
+                for layer in self.layers:
+                    layer.pool_k[slot, :, self._clean[slot]: width + 1] = 0
+                    layer.pool_v[slot, :, self._clean[slot]: width + 1] = 0
+                self._clean[slot] = width + 1
         cols = torch.arange(width + 1, device=self.device)
         mask = (cols[None, :] <= lens[:, None]).long()
         for layer in self.layers:
