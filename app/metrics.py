@@ -69,6 +69,13 @@ FORWARD_SECONDS = Histogram(
     ["phase"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+# vLLM's names, so dashboards and gateways built for it read ours (tokens, not requests).
+PREFIX_CACHE_QUERIES = Counter("vllm:prefix_cache_queries",
+                               "Prompt tokens looked up in the prefix cache")
+PREFIX_CACHE_HITS = Counter("vllm:prefix_cache_hits",
+                            "Prompt tokens whose states came from the prefix cache")
+PREFIX_CACHE_EVICTIONS = Counter("dynamerge_prefix_cache_evictions_total",
+                                 "Blocks evicted from the prefix cache (LRU, bytes)")
 PREFILL_TOKENS_PER_STEP = Histogram(
     "dynamerge_prefill_tokens_per_step", "Prompt tokens prefilled by one engine step",
     buckets=(1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
@@ -115,6 +122,11 @@ class EngineSnapshot:
     refused: int  # adapters of the store refused at validation
     merge_entries: int = 0  # virtual adapters in the merge cache
     merge_bytes: int = 0
+    kv_slots: int = 0  # rows the KV pool holds
+    kv_slots_used: int = 0  # rows holding a slot (prefilling or decoding)
+    kv_tokens_used: int = 0  # tokens with states in the pool
+    kv_bytes: int = 0  # bytes reserved by the pool
+    prefix_bytes: int = 0  # bytes of the prefix cache's blocks
 
 
 class EngineStateCollector(Collector):
@@ -175,6 +187,20 @@ class EngineStateCollector(Collector):
                                 "Virtual adapters (merges) in the cache", value=snap.merge_entries)
         yield GaugeMetricFamily("dynamerge_merge_cache_bytes",
                                 "Bytes of the cached virtual adapters", value=snap.merge_bytes)
+        # KV use for load balancing: `vllm:kv_cache_usage_perc` is vLLM v1's name (a fraction,
+        # 0..1), `vllm:gpu_cache_usage_perc` the older one that gateways still read; both are
+        # the share of the pool's slots reserved by requests (a full pool makes jobs wait).
+        usage = snap.kv_slots_used / snap.kv_slots if snap.kv_slots else 0.0
+        for name in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"):
+            yield GaugeMetricFamily(name, "KV-cache usage, 1 = full", value=usage)
+        yield GaugeMetricFamily("dynamerge_kv_pool_slots", "Rows the KV pool holds",
+                                value=snap.kv_slots)
+        yield GaugeMetricFamily("dynamerge_kv_pool_tokens_used",
+                                "Tokens with states in the KV pool", value=snap.kv_tokens_used)
+        yield GaugeMetricFamily("dynamerge_kv_pool_bytes", "Bytes reserved by the KV pool",
+                                value=snap.kv_bytes)
+        yield GaugeMetricFamily("dynamerge_prefix_cache_bytes",
+                                "Bytes of prompt states kept for reuse", value=snap.prefix_bytes)
 
 
 ENGINE_STATE = EngineStateCollector()

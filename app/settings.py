@@ -151,6 +151,17 @@ class Settings(BaseSettings):
     """torch threads for prefill forwards (compute-bound, unlike decoding); unset: the same as
     `torch_threads`. More than `torch_threads` lends the cores that routing and HTTP use to
     prefill, which pays only while those are idle."""
+    kv_pool_bytes: int | None = Field(default=None, ge=0)
+    """Bytes of the KV pool: one slot of the model's whole context per running row, so
+    `max_batch_size` rows need `max_batch_size * context * bytes_per_token`. Unset: that, or
+    40% of the memory available at start-up when it is less. Rows beyond the pool wait."""
+    prefix_cache_bytes: int = Field(default=512 << 20, ge=0)
+    """Bytes of prompt (and conversation) states kept for reuse, LRU; 0 disables reuse."""
+    prefix_block_tokens: int = Field(default=16, ge=1, le=4096)
+    """Tokens per prefix-cache block: a prefix is reused in whole blocks."""
+    blend_weight_step: float = Field(default=0.001, ge=0, le=1)
+    """Blend weights are rounded to this step before blending (so nearby routings share
+    cached prefixes); `routing` reports the rounded weights. 0: Eq. 9's exact weights."""
     max_step_tokens: int = Field(default=256, ge=16, le=65536)
     """Token budget of one engine step: one per decoding row, the rest prefills waiting
     prompts together, a long one in chunks. Larger: faster time to first token and more

@@ -30,6 +30,7 @@ def micro_settings(micro_zoo: MicroZoo, tmp_path_factory: pytest.TempPathFactory
         cache_dir=tmp_path_factory.mktemp("cache"),
         calibration="off",
         min_weight=0.0,  # every top-K hit, as Eq. 9 has it
+        blend_weight_step=0.0,  # and its exact weights (test_kv_cache.py covers rounding)
     )
 
 

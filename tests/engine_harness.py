@@ -40,9 +40,11 @@ class Harness:
     def _on_done(self, job: Job) -> None:
         self.done[job.request.request_id] += 1
 
-    def job(self, text: str, mix: str = "blend", max_tokens: int = 12, **sampling) -> Job:
+    def job(self, text: str, mix: str = "blend", max_tokens: int = 12,
+            messages: list[dict[str, str]] | None = None, **sampling) -> Job:
+        """A greedy job on `text` (or on the conversation `messages`) under `mix`."""
         engine = self.engine
-        prompt = engine.render_chat([{"role": "user", "content": text}])
+        prompt = engine.render_chat(messages or [{"role": "user", "content": text}])
         request = GenerationRequest(
             prompt=prompt, route_text=text, model="auto",
             sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0, **sampling),

@@ -8,7 +8,7 @@ import torch
 
 from adapters.zoo.micro import topic_prompts
 from app import metrics
-from app.engine.batch_cache import BatchCache, RowCache, split_rows, stack_rows
+from app.engine.batch_cache import RowCache, split_rows, stack_rows
 from app.engine.blended_lora import BlendBatch
 from app.engine.types import GenerationRequest, SamplingParams
 
@@ -110,29 +110,6 @@ def test_sixteen_concurrent_clients_complete(micro_engine):
         t.join(timeout=120)
     assert len(results) == 16
     assert all(text == expected[prompt] for prompt, text in results.values())
-
-
-def test_batch_cache_pads_grows_in_place_and_trims():
-    def row(length: int, fill: float) -> RowCache:
-        kv = torch.full((1, 2, length, 4), fill)
-        return RowCache([(kv, kv.clone())], torch.ones(length, dtype=torch.long))
-
-    kv = BatchCache()
-    kv.add([row(3, 1.0), row(5, 2.0)])
-    assert kv.mask.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
-    layer = kv.cache.layers[0]
-    assert layer.keys[0, 0, :2].abs().sum() == 0  # padding is zeros
-    buffer = layer._k
-    kv.step_mask()
-    layer.update(torch.full((2, 2, 1, 4), 3.0), torch.full((2, 2, 1, 4), 3.0))
-    assert layer._k is buffer  # a decode step writes its column in place, no copy
-    assert layer.keys.shape == (2, 2, 6, 4) and float(layer.keys[1, 0, 5, 0]) == 3.0
-    kv.keep([0])  # the long row leaves: its extra columns are trimmed
-    assert kv.mask.tolist() == [[1, 1, 1, 1]]
-    assert kv.cache.layers[0].keys.shape == (1, 2, 4, 4)
-    assert kv.cache.layers[0].keys[0, 0, :, 0].tolist() == [1.0, 1.0, 1.0, 3.0]
-    kv.keep([])
-    assert kv.size == 0
 
 
 def test_stacked_rows_split_back_unchanged():

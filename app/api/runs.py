@@ -37,7 +37,7 @@ from app.engine.types import (
     TokenEvent,
     TokenLogprob,
 )
-from app.protocol import AdapterWeight, RoutingInfo, SamplingFields, Usage
+from app.protocol import AdapterWeight, PromptTokensDetails, RoutingInfo, SamplingFields, Usage
 
 # The engine's finish reasons that complete a request; the others become table errors.
 log = logging.getLogger(__name__)
@@ -105,8 +105,10 @@ class Run:
     def usage(self) -> Usage:
         prompt = sum(s.admission.prompt_tokens for s in self.streams[:: self.n])
         completion = sum(e.completion_tokens for e in self.finals if e is not None)
+        cached = sum(e.cached_tokens for e in self.finals[:: self.n] if e is not None)
         return Usage(prompt_tokens=prompt, completion_tokens=completion,
-                     total_tokens=prompt + completion)
+                     total_tokens=prompt + completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
 
     def finish_reason(self, i: int) -> str:
         """The OpenAI finish reason of choice i; raises the engine's error if it failed."""

@@ -35,7 +35,9 @@ from app.engine.blended_lora import BlendContext, install_blended_layers
 from app.engine.calibration import resolve as resolve_routing
 from app.engine.calibration import settings_options
 from app.engine.device_slots import DeviceSlots
+from app.engine.kv_pool import pool_for
 from app.engine.merging import Merging, task_inputs_collector
+from app.engine.prefix_cache import PrefixCache
 from app.engine.protocol import AdapterInfo, EngineStats, Health, RefusedAdapter
 from app.engine.residency import Residency, Target
 from app.engine.scheduler import WAKE, Job, Scheduler
@@ -96,10 +98,17 @@ class Engine:
         self.vocab_size = int(self.model.get_output_embeddings().weight.shape[0])
         self.residency.start()
         self.residency.pin_forever(list(s.pinned_adapters))
+        self.kv_pool = pool_for(self.model, 1, self.context_length)
+        self.kv_pool = pool_for(self.model, self._kv_slots(self.kv_pool.token_bytes),
+                                self.context_length)
+        self.prefix_cache = PrefixCache(s.prefix_cache_bytes, s.prefix_block_tokens)
+        log.info("KV pool: %d slots of %d tokens (%.2f GiB reserved, pages mapped on use); "
+                 "prefix cache %.2f GiB", self.kv_pool.slots, self.context_length,
+                 self.kv_pool.capacity_bytes / 2**30, s.prefix_cache_bytes / 2**30)
         self.scheduler = Scheduler(
             self.model, self.context, self.tokenizer, self.eos_ids, self.model_lock,
             s.max_batch_size, s.max_step_tokens, self._release, self._constraint_for,
-            s.prefill_threads,
+            s.prefill_threads, self.kv_pool, self.prefix_cache,
         )
         self._worker = threading.Thread(target=self._work, name="dynamerge-engine", daemon=True)
         self._worker.start()
@@ -110,6 +119,15 @@ class Engine:
             self.merging.warm_task_inputs()
         log.info("engine ready: %d adapters in the store (%d refused), %d device slots, on %s",
                  len(self.store), len(self.store.refused), s.max_adapters, self.device)
+
+    def _kv_slots(self, token_bytes: int) -> int:
+        """Rows the KV pool holds: `kv_pool_bytes` (or 40% of the available memory) in slots
+        of the whole context, at most `max_batch_size`, at least one."""
+        slot_bytes = token_bytes * self.context_length
+        budget = self.settings.kv_pool_bytes
+        if budget is None:
+            budget = int(0.4 * _available_bytes(self.device))
+        return max(1, min(self.settings.max_batch_size, budget // slot_bytes))
 
     def _load_tiers(self, show_progress: bool) -> None:
         """The disk tier (validated from headers), the host LRU and the residency manager."""
@@ -348,6 +366,7 @@ class Engine:
                 decision = self.route(request.route_text, request.routing)
                 _observe_decision(decision)
             blend = blend_for(request.model, decision, self.settings.fallback_adapter)
+        blend = _rounded(blend, self.settings.blend_weight_step)
         targets = tuple(Target(a, w) for a, w in blend)
         cache_hit = None
         if blend and not request.merge.is_linear:
@@ -445,6 +464,8 @@ class Engine:
         self.host.drop(adapter_id)
         self.merging.forget(adapter_id)
         self.residency.retire(adapter_id)
+        if getattr(self, "prefix_cache", None) is not None:
+            self.prefix_cache.forget_all()  # the id may come back with other weights
 
     # --- the worker -----------------------------------------------------------------------
     @property
@@ -521,11 +542,35 @@ class Engine:
             running=len(started), waiting=len(waiting), device=device,
             host=tuple(self.host.ids()), host_bytes=stats.bytes, disk=len(self.store),
             refused=len(self.store.refused), merge_entries=merges.entries,
-            merge_bytes=merges.bytes_used,
+            merge_bytes=merges.bytes_used, kv_slots=self.kv_pool.slots,
+            kv_slots_used=self.kv_pool.in_use, kv_tokens_used=self.kv_pool.used_tokens,
+            kv_bytes=self.kv_pool.capacity_bytes, prefix_bytes=self.prefix_cache.bytes_used,
         )
 
 
 @functools.cache
+def _rounded(blend: Blend, step: float) -> Blend:
+    """Weights rounded to `step` (0: unchanged); adapters rounded to 0 leave the blend."""
+    if step <= 0:
+        return blend
+    out = ((a, round(round(w / step) * step, 12)) for a, w in blend)
+    return tuple((a, w) for a, w in out if w != 0)
+
+
+def _available_bytes(device: torch.device) -> int:
+    """Memory free for the KV pool now: the device's, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's byte-level alphabet, character -> byte: printable bytes stand for themselves,
     the other 68 are shifted to code points 256 and up, in byte order."""

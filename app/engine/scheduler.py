@@ -3,7 +3,8 @@
 Every row carries its own adapter mix, so requests with different mixes share each forward
 pass. One engine step:
 
-1. decodes one token for every running row (one forward pass over the shared `BatchCache`);
+1. decodes one token for every running row (one forward pass over the KV pool's slots, where
+   rows join and leave without moving anyone else's states: `kv_pool`);
 2. spends the rest of the step's token budget (`max_step_tokens`, one token per running row)
    on prefill: prompts that are partly prefilled first, then waiting ones, all of them in ONE
    forward pass, each row with its own mix; a prompt longer than the budget is prefilled in
@@ -33,9 +34,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
 
 from app import metrics
-from app.engine.batch_cache import BatchCache, RowCache, split_rows, stack_rows
+from app.engine.batch_cache import RowCache, split_rows, stack_rows
 from app.engine.blended_lora import BlendBatch, BlendContext
 from app.engine.decoding import ConstraintFactory, Sequence
+from app.engine.kv_pool import SlotPool, pool_for
+from app.engine.prefix_cache import PrefixCache, blend_key
 from app.engine.stream import GenerationStream
 from app.engine.types import (
     EngineError,
@@ -83,6 +86,9 @@ class _Active:
     sequence: Sequence
     cache: RowCache | None = None  # the prompt's states so far, while it is being prefilled
     first_token_at: float | None = None
+    slot: int | None = None  # its row in the KV pool, reserved when it starts
+    cached: int = 0  # prompt tokens whose states came from the prefix cache
+    key: str = ""  # its blend's prefix-cache key
 
 
 class Scheduler:
@@ -99,6 +105,9 @@ class Scheduler:
         on_done: called once per job when it finishes, before its final event.
         constraint_for: builds a request's output constraint (JSON mode), or None.
         prefill_threads: torch threads for prefill forwards (None: the thread's own).
+        pool: the KV slots of running rows (None: `max_batch_size` slots of the model's
+            context).
+        prefix_cache: prompt states kept for reuse (None: no prefix caching).
     """
 
     def __init__(
@@ -113,6 +122,8 @@ class Scheduler:
         on_done: Callable[[Job], None],
         constraint_for: ConstraintFactory | None = None,
         prefill_threads: int | None = None,
+        pool: SlotPool | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.model = model
         self.context = context
@@ -129,8 +140,9 @@ class Scheduler:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.waiting: list[Job] = []  # admitted, not started (placed or not yet)
         self.prefilling: list[_Active] = []  # started, prompt not complete
-        self.running: list[_Active] = []  # rows of the decode batch, in `kv` order
-        self.kv = BatchCache()
+        self.running: list[_Active] = []  # rows of the decode batch (each in its slot)
+        self.pool = pool if pool is not None else pool_for(model, max_batch_size)
+        self.prefix = prefix_cache if prefix_cache is not None else PrefixCache(0)
         self._blend: BlendBatch | None = None
         self._blend_stale = True
 
@@ -182,27 +194,35 @@ class Scheduler:
 
     # --- decode ---------------------------------------------------------------------------
     def _decode(self) -> None:
+        # One row per slot 0..hi-1; a free slot in between decodes a pad token, ignored.
+        hi = max(r.slot for r in self.running) + 1  # type: ignore[type-var]
+        by_slot: list[_Active | None] = [None] * hi
+        for r in self.running:
+            by_slot[r.slot] = r  # type: ignore[index]
         if self._blend_stale:
             self._blend = BlendBatch.from_rows(
-                [r.job.rows for r in self.running], self.device, self.dtype
+                [r.job.rows if r is not None else [] for r in by_slot], self.device, self.dtype
             )
             self._blend_stale = False
-        last = torch.tensor([[r.sequence.last_token] for r in self.running], device=self.device)
-        # The input token sits at position (sequence length - 1) of its own row, padding aside.
-        positions = torch.tensor(
-            [[r.sequence.length - 1] for r in self.running], device=self.device
-        )
+        last = torch.tensor([[r.sequence.last_token if r is not None else self.pad_id]
+                             for r in by_slot], device=self.device)
+        # The input token sits at position (sequence length - 1) of its own row.
+        positions = torch.tensor([[r.sequence.length - 1 if r is not None else 0]
+                                  for r in by_slot], device=self.device)
+        mask, _ = self.pool.begin_decode(hi)
         try:
-            logits = self._forward(last, self.kv.step_mask(), positions, self.kv.cache,
-                                   self._blend, "decode")
+            logits = self._forward(last, mask, positions, self.pool.cache, self._blend,
+                                   "decode")
         except Exception as exc:
             log.exception("decode step failed; failing its %d rows", len(self.running))
-            failed, self.running, self.kv = self.running, [], BatchCache()
+            failed, self.running = self.running, []
             self._blend_stale = True
             for active in failed:
                 self._finish(active, "error", error=_failed("the decode step", exc))
             return
+        self.pool.end_decode(hi)
         metrics.BATCH_SIZE.observe(len(self.running))
+        logits = logits[[r.slot for r in self.running]]
         greedy = _batch_argmax(self.running, logits)
         keep, leaving = [], []
         for b, active in enumerate(self.running):
@@ -238,6 +258,7 @@ class Scheduler:
             if active.sequence.prompt_left > 0:
                 continue
             self.prefilling.remove(active)
+            self._join(active)
             now = time.perf_counter()
             active.first_token_at = now
             metrics.TIME_TO_FIRST_TOKEN.observe(now - active.job.admitted_at)
@@ -247,9 +268,6 @@ class Scheduler:
             else:
                 leaving.append((active, outcome))
         if joining:
-            self.kv.add([a.cache for a in joining])  # type: ignore[misc]
-            for active in joining:
-                active.cache = None
             self.running.extend(joining)
             self._blend_stale = True
         for active, (reason, text, tokens, logprobs, error) in leaving:
@@ -259,7 +277,9 @@ class Scheduler:
         """(row, prompt tokens to prefill now): partial prompts first, then waiting jobs,
         within the step's token budget and the batch size."""
         budget = max(self.max_step_tokens - len(self.running), _MIN_PREFILL_TOKENS)
-        room = self.max_batch_size - len(self.running) - len(self.prefilling)
+        # A full pool makes jobs wait here (the queue limit answers 429 beyond that).
+        room = min(self.max_batch_size - len(self.running) - len(self.prefilling),
+                   self.pool.free)
         for job in list(self.waiting):
             if job.stream.cancelled:
                 self.waiting.remove(job)
@@ -282,7 +302,10 @@ class Scheduler:
                 self._finish_job(job, None, "error", error=_failed("starting it", exc))
                 continue
             job.started = True
-            self.prefilling.append(_Active(job, sequence))
+            active = _Active(job, sequence, slot=self.pool.allocate(),
+                             key=blend_key(job.request.merge, job.stream.admission.blend))
+            self._reuse_prefix(active)
+            self.prefilling.append(active)
             metrics.QUEUE_DEPTH.dec()
             room -= 1
         chosen = []
@@ -366,11 +389,49 @@ class Scheduler:
                 self._finish(active, "cancelled")
 
     def _keep(self, rows: list[int]) -> None:
+        """Keep only `rows` of `running`; the others' slots are freed by `_finish` (nobody's
+        states move)."""
         if len(rows) == len(self.running):
             return
-        self.kv.keep(rows)
         self.running = [self.running[b] for b in rows]
         self._blend_stale = True
+
+    # --- KV: prefix reuse, joining the pool, leaving it -----------------------------------
+    def _reuse_prefix(self, active: _Active) -> None:
+        """Start a prompt from its longest cached prefix under its own blend (at least its
+        last token is prefilled: its logits give the first output token)."""
+        prompt = active.sequence.prompt_ids
+        metrics.PREFIX_CACHE_QUERIES.inc(len(prompt))
+        layers = self.prefix.lookup(active.key, prompt, len(prompt) - 1)
+        if layers is None:
+            return
+        n = layers[0][0].shape[2]
+        active.cache = RowCache(layers=layers, mask=torch.ones(n, dtype=torch.long,
+                                                               device=self.device))
+        active.sequence.prefilled = active.cached = n
+        metrics.PREFIX_CACHE_HITS.inc(n)
+
+    def _join(self, active: _Active) -> None:
+        """Copy a prefilled prompt's states (its real columns only) into its slot, and keep
+        them in the prefix cache for the next request with the same start and blend."""
+        assert active.cache is not None and active.slot is not None
+        real = active.cache.mask.bool()
+        layers = [(k[0][:, real], v[0][:, real]) for k, v in active.cache.layers]
+        active.cache = None
+        self.pool.write(active.slot, layers)
+        self.prefix.insert(active.key, active.sequence.prompt_ids, layers)
+
+    def _leave(self, active: _Active, keep_states: bool) -> None:
+        """Free a row's slot; a row that finished well leaves its prompt and generated
+        tokens' states to the prefix cache (a conversation's next turn starts from them)."""
+        if active.slot is None:
+            return
+        slot, active.slot = active.slot, None
+        tokens = self.pool.lens[slot]
+        if keep_states and tokens and self.prefix.enabled:
+            self.prefix.insert(active.key, active.sequence.token_ids[:tokens],
+                               self.pool.read(slot, tokens))
+        self.pool.release(slot)
 
     @torch.inference_mode()
     def _forward(
@@ -415,6 +476,7 @@ class Scheduler:
         """Finish a started row; the caller has already removed it from every collection."""
         if reason == "cancelled" and error is None:
             error = RequestCancelledError("the request was cancelled before it finished")
+        self._leave(active, keep_states=reason in ("stop", "length"))
         self._finish_job(active.job, active, reason, text, token_ids, logprobs, error)
 
     def _finish_job(
@@ -451,13 +513,14 @@ class Scheduler:
             job.stream.put(TokenEvent(
                 text, token_ids, finish_reason=reason, prompt_tokens=len(job.prompt_ids),
                 completion_tokens=completion, logprobs=logprobs, error=error,
+                cached_tokens=active.cached if active is not None else 0,
             ))
 
     def fail_everything(self, error: EngineError, reason: FinishReason = "error") -> None:
         """Finish every job the scheduler holds, once each (shutdown, or a dead engine)."""
         waiting, prefilling, running = list(self.waiting), self.prefilling, self.running
         self.waiting, self.prefilling, self.running = [], [], []
-        self.kv, self._blend_stale = BatchCache(), True
+        self._blend_stale = True
         for job in waiting:
             self._finish_job(job, None, reason, error=error)
         for active in prefilling + running:

@@ -162,6 +162,7 @@ class TokenEvent:
     completion_tokens: int = 0
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token of `token_ids`, when asked for
     error: EngineError | None = None  # why, when finish_reason is "error" or "cancelled"
+    cached_tokens: int = 0  # prompt tokens whose states came from the prefix cache
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from app.protocol.base import (  # noqa: F401 (the package's interface)
     AdapterWeight,
     ErrorDetail,
     ErrorResponse,
+    PromptTokensDetails,
     RoutingInfo,
     Usage,
     Whole,
