@@ -199,9 +199,23 @@ class ModelList(BaseModel):
 
 # --- embeddings ---------------------------------------------------------------------------
 class EmbeddingRequest(_Lenient):
-    """Strings only: token arrays are not supported (the embedder has its own tokenizer)."""
+    """Strings only, none empty (OpenAI refuses ""). Token arrays get a 400 that says to send
+    strings: ids from another tokenizer (tiktoken's, which clients use) would decode to noise
+    in the embedder's vocabulary, so accepting them would return wrong vectors silently."""
 
-    input: str | Annotated[list[str], Field(min_length=1)]
+    input: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1)]
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _no_token_ids(cls, value: object) -> object:
+        if isinstance(value, list) and any(
+            isinstance(v, int) or (isinstance(v, list) and v and isinstance(v[0], int))
+            for v in value
+        ):
+            raise PydanticCustomError(INVALID_VALUE, "token arrays are not supported: send the "
+                                      "input as strings (with langchain's OpenAIEmbeddings, set "
+                                      "check_embedding_ctx_length=False)")
+        return value
     model: str = "auto"  # any value is accepted: there is one embedder, the router's
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Whole(ge=1) | None = Field(default=None, description="only the embedder's own")
