@@ -29,7 +29,7 @@ def test_retrieve_model_by_id(client: openai.OpenAI) -> None:
 
 
 def test_null_means_the_default_for_nullable_fields(client: openai.OpenAI) -> None:
-    nulls = {"n": None, "stream": None, "echo": None, "ignore_eos": None}
+    nulls = {"n": None, "stream": None, "echo": None}
     done = client.completions.create(model="base", prompt="Hello", max_tokens=2,
                                      extra_body=nulls)
     assert len(done.choices) == 1 and done.usage.completion_tokens <= 2
@@ -53,3 +53,21 @@ def test_embeddings_refuse_token_arrays_saying_to_send_strings(client: openai.Op
         assert err.value.body["param"] == "input"
         assert "send the input as strings" in err.value.body["message"]
     assert client.embeddings.create(model="auto", input=["fine"]).data[0].embedding
+
+
+def test_token_id_prompts_complete_like_their_text(client: openai.OpenAI,
+                                                   micro_engine: Engine) -> None:
+    text = "The capital of France is"
+    ids = micro_engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    greedy = {"model": "auto", "max_tokens": 4, "temperature": 0}
+    by_text = client.completions.create(prompt=text, **greedy)
+    by_ids = client.completions.create(prompt=ids, **greedy)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    assert by_ids.usage.prompt_tokens == len(ids) == by_text.usage.prompt_tokens
+    assert by_ids.model_extra["routing"] == by_text.model_extra["routing"]  # routed on the text
+    two = client.completions.create(prompt=[ids, ids[:2]], **greedy)
+    assert [c.index for c in two.choices] == [0, 1]
+    assert two.choices[0].text == by_text.choices[0].text
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(prompt=[micro_engine.vocab_size], **greedy)
+    assert err.value.body["param"] == "prompt"

@@ -109,10 +109,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 async def completions(body: CompletionRequest, request: Request) -> Response:
     engine = ready_engine(request)
     refuse_unsupported(body, body.n)
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    prompts = body.prompts()
     rid = f"cmpl-{uuid.uuid4().hex}"
-    run = await start_run(request, engine, body, body.model, [(p, p) for p in prompts], rid,
-                          body.n)
+    run = await start_run(request, engine, body, body.model,
+                          [(p, p if isinstance(p, str) else "") for p in prompts], rid, body.n)
     with_logprobs = body.logprobs is not None
     # One routing per prompt: with several prompts each choice says how it was blended.
     per_choice = len(prompts) > 1

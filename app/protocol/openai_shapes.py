@@ -145,21 +145,34 @@ class ChatCompletionChunk(_Response):
 NonEmpty = Annotated[str, StringConstraints(min_length=1)]
 
 
+TokenIds = Annotated[list[Whole(ge=0)], Field(min_length=1)]
+
+
 class CompletionRequest(_OpenAIGeneration):
-    prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1)]
-    echo: bool = Field(default=False, description="echo is not supported",
-                       json_schema_extra={"const": False})
+    """`prompt`: a string, strings, the base model's token ids, or lists of them (as vLLM
+    accepts; lm-eval's local-completions sends token ids)."""
+
+    prompt: (NonEmpty | Annotated[list[NonEmpty], Field(min_length=1)] | TokenIds
+             | Annotated[list[TokenIds], Field(min_length=1)])
+    echo: bool | None = Field(default=False, description="echo is not supported",
+                       json_schema_extra={"enum": [False, None]})
     logprobs: Whole(ge=0, le=5) | None = None
 
     @field_validator("echo")
     @classmethod
-    def _no_echo(cls, echo: bool) -> bool:
+    def _no_echo(cls, echo: bool | None) -> bool | None:
         if echo:
             raise PydanticCustomError(INVALID_VALUE, "echo is not supported")
         return echo
 
     def logprob_count(self) -> int | None:
         return self.logprobs
+
+    def prompts(self) -> list[str] | list[list[int]]:
+        """One entry per prompt: text, or token ids."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]  # type: ignore[list-item]
+        return self.prompt  # type: ignore[return-value]
 
 
 class CompletionLogprobs(BaseModel):
