@@ -11,8 +11,8 @@
 - Checks of our own: every 4xx is the OpenAI envelope; no body carries a stack trace or a
   server path; a deleted adapter is a 404 as a model until registered again.
 - Positive-data acceptance allows the two 400s no OpenAPI schema can express, and only them:
-  the prompt plus max_tokens over the model's context (a token count), and a logit_bias token
-  id past the vocabulary (a model property).
+  the prompt plus max_tokens over the model's context (a token count), and a logit_bias or
+  prompt token id past the vocabulary (a model property).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ TOKEN_CAP = int(os.environ.get("FUZZ_TOKEN_CAP", "3"))
 N_CAP = 2
 NEW = [a for a in os.environ.get("FUZZ_NEW_ADAPTERS", "").split(",") if a]
 PRIVATE = [p for p in os.environ.get("FUZZ_PRIVATE_PATHS", "").split(os.pathsep) if p]
-UNEXPRESSIBLE = {("context_length_exceeded", "max_tokens"), ("invalid_parameter", "logit_bias")}
+UNEXPRESSIBLE = {("context_length_exceeded", "max_tokens"), ("invalid_parameter", "logit_bias"),
+                 ("invalid_parameter", "prompt")}
 
 _deleted: set[str] = set()
 _fresh = itertools.count()

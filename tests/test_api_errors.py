@@ -62,13 +62,13 @@ def _chat(http: httpx.Client, **fields: object) -> httpx.Response:
     return http.post("/v1/chat/completions", json={"model": "auto", "messages": HI, **fields})
 
 
-def test_malformed_json_is_400_and_wrong_shape_422(http: httpx.Client) -> None:
+def test_malformed_json_and_wrong_shape_are_400(http: httpx.Client) -> None:
     bad = http.post("/v1/chat/completions", content=b'{"model": "auto", "messages": [',
                     headers={"content-type": "application/json"})
     _error(bad, 400, "invalid_json")
-    _error(http.post("/v1/chat/completions", json={"model": "auto"}), 422, param="messages")
-    _error(_chat(http, max_tokens="many"), 422, param="max_tokens")
-    _error(_chat(http, routing={"top_k": 1, "sharpness": 3}), 422)
+    _error(http.post("/v1/chat/completions", json={"model": "auto"}), 400, param="messages")
+    _error(_chat(http, max_tokens="many"), 400, "invalid_schema", "max_tokens")
+    _error(_chat(http, routing={"top_k": 1, "sharpness": 3}), 400)
 
 
 def test_unknown_model_is_404_on_model(http: httpx.Client, server: LiveServer) -> None:
@@ -104,8 +104,8 @@ def test_prompt_over_the_context_length_is_400(http: httpx.Client) -> None:
 def test_unknown_merge_method_names_the_valid_ones(http: httpx.Client) -> None:
     error = _error(_chat(http, merge={"method": "slerp"}), 400, param="merge.method")
     assert "linear" in error["message"] and "ties" in error["message"]
-    # A parameter the method does not have is an unknown field of a strict object: 422.
-    _error(_chat(http, merge={"method": "linear", "density": 0.5}), 422, param="merge.density")
+    # A parameter the method does not have is an unknown field of a strict object: 400.
+    _error(_chat(http, merge={"method": "linear", "density": 0.5}), 400, param="merge.density")
     _error(_chat(http, merge={"method": "ties", "density": 1.5}), 400, param="merge.density")
     _error(_chat(http, merge={"method": "dare_ties", "drop_rate": 1.0}), 400,
            param="merge.drop_rate")

@@ -148,7 +148,7 @@ def test_logit_bias_forces_and_bans_tokens_under_greedy(
 def test_logit_bias_bad_keys_and_values_are_400_on_logit_bias(http: httpx.Client) -> None:
     for bias in ({"abc": 1}, {"-1": 1}, {"5": 101}, {"5": "high"}, {"100000": 1}):
         response = _chat(http, logit_bias=bias)
-        assert response.status_code in (400, 422), response.text
+        assert response.status_code == 400, response.text
         assert response.json()["error"]["param"] == "logit_bias", bias
     assert _chat(http, logit_bias={"5": 101}).status_code == 400  # out of range: a bad value
     assert _chat(http, logit_bias={"100000": 1}).status_code == 400  # beyond the vocabulary

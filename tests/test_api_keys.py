@@ -48,7 +48,8 @@ def test_the_route_list_is_the_whole_app(server: LiveServer) -> None:
     paths = {path for _, path in _routes(server)}
     assert PUBLIC | {"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/route",
                      "/v1/generate", "/v1/embeddings", "/v1/merge/preview", "/v1/adapters",
-                     "/v1/adapters/no-such-adapter", "/openapi.json", "/docs"} == paths
+                     "/v1/adapters/no-such-adapter", "/v1/models/no-such-adapter", "/openapi.json",
+                     "/docs"} == paths
 
 
 def test_no_route_but_the_probes_answers_without_the_right_key(server: LiveServer) -> None:
@@ -76,7 +77,7 @@ def test_each_key_opens_its_own_routes(server: LiveServer) -> None:
                 continue
             headers = ADMIN if path.startswith("/v1/adapters") else USER
             response = _call(http, method, path, headers=headers)
-            # Past the key: the request itself is judged (an empty body is 422, an unknown
+            # Past the key: the request itself is judged (an empty body is 400, an unknown
             # adapter 404), never refused for its key.
             assert response.status_code not in (401, 403), (method, path, response.text)
             assert response.status_code < 500, (method, path, response.text)

@@ -69,7 +69,7 @@ class InvalidJSONError(ApiError):
 
 
 class SchemaError(ApiError):
-    """The JSON does not have the request's shape (missing field, wrong type)."""
+    """The JSON does not have the request's shape (missing field, wrong type): 400, as OpenAI."""
 
 
 class UnknownModelError(ApiError):
@@ -122,7 +122,7 @@ _INVALID = "invalid_request_error"
 ERROR_TABLE: dict[type[BaseException], ErrorKind] = {
     InvalidParameterError: ErrorKind(400, _INVALID, "invalid_parameter"),
     InvalidJSONError: ErrorKind(400, _INVALID, "invalid_json"),
-    SchemaError: ErrorKind(422, _INVALID, "invalid_schema"),
+    SchemaError: ErrorKind(400, _INVALID, "invalid_schema"),
     UnknownModelError: ErrorKind(404, _INVALID, "model_not_found"),
     AuthenticationError: ErrorKind(401, "authentication_error", "invalid_api_key"),
     AdminDisabledError: ErrorKind(403, "permission_error", "admin_disabled"),
@@ -247,7 +247,8 @@ def _from_http_exception(exc: StarletteHTTPException, request: Request) -> BaseE
 
 
 # Pydantic error types that mean "a value out of range or not allowed": OpenAI answers those
-# with 400. Everything else (missing field, wrong type, unknown field) is a wrong shape: 422.
+# with code invalid_parameter. Everything else (missing field, wrong type, unknown field) is a
+# wrong shape, code invalid_schema. Both are 400, as OpenAI answers (clients catch BadRequestError).
 _VALUE_ERRORS = frozenset({
     "greater_than", "greater_than_equal", "less_than", "less_than_equal", "multiple_of",
     "too_short", "too_long", "string_too_short", "string_too_long", "string_pattern_mismatch",

@@ -19,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 from app.api.deps import (
     chat_texts,
     check_logprobs,
+    check_model,
     ready_engine,
     refuse_unsupported,
     require_api_key,
@@ -53,6 +54,13 @@ ChunkOf = Callable[[int, TokenEvent, str | None], str]  # (choice, event, finish
 async def list_models(request: Request) -> ModelList:
     engine = ready_engine(request)
     return ModelList(data=[ModelCard(id=model) for model in engine.models()])
+
+
+@router.get("/models/{model}", responses=responses(401, 404, 503))
+async def retrieve_model(model: str, request: Request) -> ModelCard:
+    engine = ready_engine(request)
+    check_model(engine, model)  # 404 model_not_found, as OpenAI answers
+    return ModelCard(id=model)
 
 
 @router.post("/chat/completions", response_model=None,
@@ -101,10 +109,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 async def completions(body: CompletionRequest, request: Request) -> Response:
     engine = ready_engine(request)
     refuse_unsupported(body, body.n)
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    prompts = body.prompts()
     rid = f"cmpl-{uuid.uuid4().hex}"
-    run = await start_run(request, engine, body, body.model, [(p, p) for p in prompts], rid,
-                          body.n)
+    run = await start_run(request, engine, body, body.model,
+                          [(p, p if isinstance(p, str) else "") for p in prompts], rid, body.n)
     with_logprobs = body.logprobs is not None
     # One routing per prompt: with several prompts each choice says how it was blended.
     per_choice = len(prompts) > 1

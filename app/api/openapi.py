@@ -21,7 +21,9 @@ from app.protocol import ErrorResponse
 from app.settings import Settings
 
 _DESCRIPTIONS = {
-    400: "A value is out of range or not supported (`param` names it)",
+    400: "A value is out of range or not supported (`code` invalid_parameter), the body does "
+         "not have the request's shape: wrong type, missing or unknown field (`code` "
+         "invalid_schema), or is not JSON (`code` invalid_json); `param` names the field",
     401: "Missing or wrong key",
     403: "The admin API is disabled (no admin key configured)",
     404: "Unknown model, adapter or route",
@@ -35,7 +37,7 @@ _DESCRIPTIONS = {
 }
 _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying",
                                 "schema": {"type": "integer", "minimum": 1}}}
-GENERATION_ERRORS = (400, 401, 404, 409, 413, 422, 429, 500, 503)
+GENERATION_ERRORS = (400, 401, 404, 409, 413, 429, 500, 503)
 ADAPTERS_HEADER = "x-dynamerge-adapters"
 
 

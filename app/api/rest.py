@@ -43,7 +43,7 @@ from app.protocol import (
 router = APIRouter(prefix="/v1", tags=["rest"], dependencies=[Depends(require_api_key)])
 
 
-@router.post("/route", responses=responses(400, 401, 404, 409, 413, 422, 503))
+@router.post("/route", responses=responses(400, 401, 404, 409, 413, 503))
 async def route(body: RouteRequest, request: Request) -> RouteResponse:
     engine = ready_engine(request)
     note_model(request, engine, "auto")
@@ -81,7 +81,7 @@ async def generate(body: GenerateRequest, request: Request) -> JSONResponse:
     return JSONResponse(response.model_dump(), headers=run.headers())
 
 
-@router.post("/merge/preview", responses=responses(400, 401, 404, 413, 422, 503))
+@router.post("/merge/preview", responses=responses(400, 401, 404, 413, 503))
 async def merge_preview(body: MergePreviewRequest, request: Request) -> MergePreviewResponse:
     """Interference statistics of merging some adapters, before anything is served."""
     engine = ready_engine(request)
@@ -110,7 +110,7 @@ async def merge_preview(body: MergePreviewRequest, request: Request) -> MergePre
     )
 
 
-@router.post("/embeddings", responses=responses(400, 401, 413, 422, 503))
+@router.post("/embeddings", responses=responses(400, 401, 413, 503))
 async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingResponse:
     engine = ready_engine(request)
     texts = [body.input] if isinstance(body.input, str) else body.input

@@ -182,9 +182,11 @@ async def _disconnected(receive: Receive) -> None:
 
 async def start_run(
     request: Request, engine: EngineClient, body: SamplingFields, model: str,
-    prompts: list[tuple[str, str]], rid: str, n: int = 1,
+    prompts: list[tuple[str | list[int], str]], rid: str, n: int = 1,
 ) -> Run:
     """Validate everything, then admit `n` sequences per (prompt, route text) pair.
+
+    A prompt is text or the base model's token ids (then the engine routes on their text).
 
     All checks happen here, before any byte of a response, so that streaming requests still
     fail with a proper status.
@@ -203,7 +205,9 @@ async def start_run(
         log.debug("request %s from end user %r", rid, user)
     requests = [
         GenerationRequest(
-            prompt=prompt, route_text=route_text, model=model, routing=routing, merge=merge,
+            prompt=prompt if isinstance(prompt, str) else "",
+            prompt_ids=None if isinstance(prompt, str) else tuple(prompt),
+            route_text=route_text, model=model, routing=routing, merge=merge,
             sampling=_seeded(sampling, k),
             request_id=f"{rid}-{j * n + k}",
         )

@@ -331,6 +331,14 @@ class Engine:
         """Route and admit a request; raises a typed error if it can't run."""
         return self._admit(request, loop, check_ready=True)
 
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        if request.prompt_ids is None:
+            return self.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
+        if any(not 0 <= t < self.vocab_size for t in request.prompt_ids):
+            raise InvalidRequestError(f"the prompt names token ids outside the vocabulary "
+                                      f"(0..{self.vocab_size - 1})", param="prompt")
+        return list(request.prompt_ids)
+
     def _admit(
         self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None, check_ready: bool
     ) -> GenerationStream:
@@ -343,7 +351,7 @@ class Engine:
                 raise RefusedAdapterError(f"adapter {request.model!r} is in the store but was "
                                           f"refused: {reason}", param="model")
             raise AdapterNotFoundError(f"model {request.model!r} does not exist", param="model")
-        prompt_ids = self.tokenizer(request.prompt, add_special_tokens=False)["input_ids"]
+        prompt_ids = self._prompt_ids(request)
         if not prompt_ids:
             raise InvalidRequestError("the prompt is empty", param="prompt")
         needed = len(prompt_ids) + request.sampling.max_tokens
@@ -363,7 +371,8 @@ class Engine:
             blend = self._explicit_mix(request)
         else:
             if request.model == AUTO_MODEL:
-                decision = self.route(request.route_text, request.routing)
+                route_text = request.route_text or self.tokenizer.decode(prompt_ids)
+                decision = self.route(route_text, request.routing)
                 _observe_decision(decision)
             blend = blend_for(request.model, decision, self.settings.fallback_adapter)
         blend = _rounded(blend, self.settings.blend_weight_step)

@@ -130,7 +130,7 @@ class MergeSpec:
 @dataclass(frozen=True)
 class GenerationRequest:
     prompt: str  # fully rendered prompt text (chat template already applied)
-    route_text: str  # what the router embeds (for chat: the last user message)
+    route_text: str  # what the router embeds (for chat: the last user message); "": the prompt
     model: str = "auto"  # "auto" routes, "base" blends nothing, else one adapter id
     routing: RoutingOptions | None = None  # None: the server's defaults
     merge: MergeSpec = field(default_factory=MergeSpec)
@@ -139,6 +139,9 @@ class GenerationRequest:
     mix: tuple[tuple[str, float], ...] | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    # The prompt as the base model's token ids (OpenAI's token-id prompts); then `prompt` is
+    # ignored and the router embeds their decoded text when `route_text` is empty.
+    prompt_ids: tuple[int, ...] | None = None
 
 
 # --- results --------------------------------------------------------------------------------

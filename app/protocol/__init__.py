@@ -8,7 +8,7 @@ the app's OpenAPI document by app/api/openapi.py; here are the static hard bound
 Request models of the OpenAI endpoints accept extra fields, because clients send fields we
 have no use for; the ones we cannot honour are refused by name (app/api/deps.py
 `refuse_unsupported`). Our own extensions (`routing`, `merge`) are validated strictly so a
-typo is a 422, not a silent default.
+typo is a 400 (code invalid_schema), not a silent default.
 """
 
 

@@ -11,6 +11,7 @@ from pydantic import (
     Tag,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
 from pydantic_core import PydanticCustomError
 
@@ -177,14 +178,29 @@ class SamplingFields(_Extensions):
         return isinstance(self.response_format, JsonObjectFormat)
 
 
+# Fields OpenAI marks nullable that have a non-null default here: null means the default (the
+# schema says null is allowed; the value is never None once validated).
+_NULL_MEANS_DEFAULT = frozenset({"n", "stream", "echo", "include_usage"})
+
+
+def _drop_nulls(data: object) -> object:
+    if isinstance(data, dict):
+        return {k: v for k, v in data.items() if not (v is None and k in _NULL_MEANS_DEFAULT)}
+    return data
+
+
 class StreamOptions(_Lenient):
-    include_usage: bool = False
+    include_usage: bool | None = False
+
+    _nulls = model_validator(mode="before")(_drop_nulls)
 
 
 class _OpenAIGeneration(SamplingFields):
+    _nulls = model_validator(mode="before")(_drop_nulls)
+
     model: str = Field(examples=["auto", "base"])
-    n: Whole(ge=1, le=MAX_STATIC_N) = 1
-    stream: bool = False
+    n: Whole(ge=1, le=MAX_STATIC_N) | None = 1
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(default=None, description="an opaque end-user id, logged")
 

@@ -145,21 +145,34 @@ class ChatCompletionChunk(_Response):
 NonEmpty = Annotated[str, StringConstraints(min_length=1)]
 
 
+TokenIds = Annotated[list[Whole(ge=0)], Field(min_length=1)]
+
+
 class CompletionRequest(_OpenAIGeneration):
-    prompt: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1)]
-    echo: bool = Field(default=False, description="echo is not supported",
-                       json_schema_extra={"const": False})
+    """`prompt`: a string, strings, the base model's token ids, or lists of them (as vLLM
+    accepts; lm-eval's local-completions sends token ids)."""
+
+    prompt: (NonEmpty | Annotated[list[NonEmpty], Field(min_length=1)] | TokenIds
+             | Annotated[list[TokenIds], Field(min_length=1)])
+    echo: bool | None = Field(default=False, description="echo is not supported",
+                       json_schema_extra={"enum": [False, None]})
     logprobs: Whole(ge=0, le=5) | None = None
 
     @field_validator("echo")
     @classmethod
-    def _no_echo(cls, echo: bool) -> bool:
+    def _no_echo(cls, echo: bool | None) -> bool | None:
         if echo:
             raise PydanticCustomError(INVALID_VALUE, "echo is not supported")
         return echo
 
     def logprob_count(self) -> int | None:
         return self.logprobs
+
+    def prompts(self) -> list[str] | list[list[int]]:
+        """One entry per prompt: text, or token ids."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]  # type: ignore[list-item]
+        return self.prompt  # type: ignore[return-value]
 
 
 class CompletionLogprobs(BaseModel):
@@ -199,9 +212,23 @@ class ModelList(BaseModel):
 
 # --- embeddings ---------------------------------------------------------------------------
 class EmbeddingRequest(_Lenient):
-    """Strings only: token arrays are not supported (the embedder has its own tokenizer)."""
+    """Strings only, none empty (OpenAI refuses ""). Token arrays get a 400 that says to send
+    strings: ids from another tokenizer (tiktoken's, which clients use) would decode to noise
+    in the embedder's vocabulary, so accepting them would return wrong vectors silently."""
 
-    input: str | Annotated[list[str], Field(min_length=1)]
+    input: NonEmpty | Annotated[list[NonEmpty], Field(min_length=1)]
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _no_token_ids(cls, value: object) -> object:
+        if isinstance(value, list) and any(
+            isinstance(v, int) or (isinstance(v, list) and v and isinstance(v[0], int))
+            for v in value
+        ):
+            raise PydanticCustomError(INVALID_VALUE, "token arrays are not supported: send the "
+                                      "input as strings (with langchain's OpenAIEmbeddings, set "
+                                      "check_embedding_ctx_length=False)")
+        return value
     model: str = "auto"  # any value is accepted: there is one embedder, the router's
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Whole(ge=1) | None = Field(default=None, description="only the embedder's own")
