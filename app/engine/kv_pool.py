@@ -153,12 +153,53 @@ class SlotPool:
                 self.lens[slot] += 1
 
 
-def pool_for(model: torch.nn.Module, slots: int, slot_tokens: int | None = None) -> SlotPool:
-    """A pool shaped for `model` (its config's layers, KV heads and head size)."""
-    config = model.config
-    heads = config.num_key_value_heads or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    tokens = slot_tokens or int(getattr(config, "max_position_embeddings", 2048))
+def decode_attention_mask(
+    config: object, mask: torch.Tensor, lens: torch.Tensor
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The decode step's mask as the model takes it. Rows are left-aligned, so each row's new
+    token sits at its own column (`lens[row]`); transformers draws a sliding window from one
+    query position for the whole batch, which is right for the longest row only. Models with
+    sliding-window layers therefore get 4-D masks built here, per row (a window keeps the
+    last `sliding_window` tokens, the new one included); the others keep the 2-D mask."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not window or (types is not None and "sliding_attention" not in types):
+        return mask
+    cols = torch.arange(mask.shape[1], device=mask.device)
+    full = mask.bool()
+    slide = full & (cols[None, :] > lens[:, None] - window)
+
+    def shaped(keep: torch.Tensor) -> torch.Tensor:
+        keep = keep[:, None, None, :]  # [rows, 1, query, columns]
+        if getattr(config, "_attn_implementation", "sdpa") != "eager":
+            return keep
+        dtype = getattr(config, "dtype", None) or torch.float32
+        return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(
+            ~keep, torch.finfo(dtype).min)
+
+    if types is None:
+        return shaped(slide)
+    return {"full_attention": shaped(full), "sliding_attention": shaped(slide)}
+
+
+def kv_shape(model: torch.nn.Module) -> tuple[int, int, int]:
+    """Layers, KV heads and head size, read from the cache of a one-token forward: configs
+    do not say them uniformly (GPT-NeoX ignores `num_key_value_heads`, some models set
+    `head_dim` apart from hidden / heads), the cache the model really writes does."""
     param = next(model.parameters())
-    return SlotPool(config.num_hidden_layers, heads, head_dim, slots, tokens, param.dtype,
-                    param.device)
+    with torch.inference_mode():
+        out = model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=param.device),
+                    use_cache=True)
+    layers = [(layer.keys.shape[1], layer.keys.shape[3]) for layer in out.cache.layers]
+    if len(set(layers)) != 1:
+        raise ValueError(f"layers with different KV shapes are not supported: {set(layers)}")
+    heads, head_dim = layers[0]
+    return len(layers), heads, head_dim
+
+
+def pool_for(model: torch.nn.Module, slots: int, slot_tokens: int | None = None) -> SlotPool:
+    """A pool shaped for `model` (the layers, KV heads and head size its cache holds)."""
+    layers, heads, head_dim = kv_shape(model)
+    tokens = slot_tokens or int(getattr(model.config, "max_position_embeddings", 2048))
+    param = next(model.parameters())
+    return SlotPool(layers, heads, head_dim, slots, tokens, param.dtype, param.device)

@@ -37,7 +37,7 @@ from app import metrics
 from app.engine.batch_cache import RowCache, split_rows, stack_rows
 from app.engine.blended_lora import BlendBatch, BlendContext
 from app.engine.decoding import ConstraintFactory, Sequence
-from app.engine.kv_pool import SlotPool, pool_for
+from app.engine.kv_pool import SlotPool, decode_attention_mask, pool_for
 from app.engine.prefix_cache import PrefixCache, blend_key
 from app.engine.stream import GenerationStream
 from app.engine.types import (
@@ -209,7 +209,8 @@ class Scheduler:
         # The input token sits at position (sequence length - 1) of its own row.
         positions = torch.tensor([[r.sequence.length - 1 if r is not None else 0]
                                   for r in by_slot], device=self.device)
-        mask, _ = self.pool.begin_decode(hi)
+        mask, lens = self.pool.begin_decode(hi)
+        mask = decode_attention_mask(self.model.config, mask, lens)
         try:
             logits = self._forward(last, mask, positions, self.pool.cache, self._blend,
                                    "decode")
@@ -257,8 +258,8 @@ class Scheduler:
             active.sequence.prefilled += take
             if active.sequence.prompt_left > 0:
                 continue
+            self._join(active)  # before leaving `prefilling`: if it raises, the row is failed
             self.prefilling.remove(active)
-            self._join(active)
             now = time.perf_counter()
             active.first_token_at = now
             metrics.TIME_TO_FIRST_TOKEN.observe(now - active.job.admitted_at)
@@ -437,7 +438,7 @@ class Scheduler:
     def _forward(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | dict[str, torch.Tensor],
         position_ids: torch.Tensor,
         cache: Cache | None,
         blend: BlendBatch | None,
