@@ -319,8 +319,13 @@ def test_sigterm_drains_one_replica_while_the_other_takes_over(
     # Requests the draining replica had accepted finished there: none was re-run elsewhere,
     # which would hide a drain that drops its work.
     accepted = [e for e in entries if e.start < sigterm_at and draining.address in e.upstreams]
-    assert all(e.upstreams == (draining.address,) for e in accepted), accepted
-    spanning = [e for e in accepted if e.end > sigterm_at]
+    # A request nginx began in the last instant before the signal may reach the replica just
+    # after it, be refused with 503 and retried (nginx's clock starts at the first byte it
+    # read, not when it picked the replica): a quarter second of margin for those.
+    rerun = [e for e in accepted
+             if e.upstreams != (draining.address,) and e.start < sigterm_at - 0.25]
+    assert rerun == [], rerun
+    spanning = [e for e in accepted if e.end > sigterm_at and e.upstreams == (draining.address,)]
     assert spanning, "no request was in flight on the draining replica at SIGTERM"
     # Work sent after SIGTERM (once the signal had surely landed) was answered by the other.
     late = [e for e in entries if e.start > sigterm_at + 0.5]
