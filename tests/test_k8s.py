@@ -416,3 +416,32 @@ def test_endpoint_picker_reads_served_metrics(everything, served, micro_engine):
     assert adapter in running_adapters
     assert len(running_adapters) <= micro_engine.settings.max_adapters
     assert lora.labels["waiting_lora_adapters"] == ""
+
+
+# What a loaded demo replica holds before any budget fills (VmHWM 1.2 GiB measured after
+# Engine.load on the demo model and zoo; README: Kubernetes, sizing), rounded up.
+LOADED_BYTES = 1.3 * 2**30
+BUDGETS = ("kv_pool_bytes", "prefix_cache_bytes", "host_adapter_bytes", "merge_cache_bytes",
+           "merge_prepared_bytes", "merge_set_bytes")
+
+
+def _quantity_bytes(value: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    for suffix, factor in units.items():
+        if value.endswith(suffix):
+            return int(float(value[: -len(suffix)]) * factor)
+    return int(value)
+
+
+def test_memory_budgets_fit_the_limit(rendered):
+    """Every memory budget is set (none left to rules that read the node's memory) and
+    together with the loaded model they fit the container's limit."""
+    _, objects = rendered
+    container = _container(objects)
+    env = {item["name"]: item["value"] for item in container["env"]}
+    budgets = {name: int(env[f"DYNAMERGE_{name.upper()}"]) for name in BUDGETS}
+    for name, value in budgets.items():
+        Settings(**{name: value})  # a valid setting
+    limit = _quantity_bytes(container["resources"]["limits"]["memory"])
+    assert sum(budgets.values()) + LOADED_BYTES <= limit
+    assert _quantity_bytes(container["resources"]["requests"]["memory"]) <= limit
