@@ -322,6 +322,7 @@ def epp_engine(config: dict) -> dict:
     (extractor,) = [p for p in config["plugins"] if p["type"] == "core-metrics-extractor"]
     params = extractor["parameters"]
     (engine,) = [e for e in params["engineConfigs"] if e["name"] == params["defaultEngine"]]
+    assert engine["name"] != "default"  # reserved by the extractor's registry
     return engine
 
 
