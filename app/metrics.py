@@ -111,8 +111,8 @@ class EngineSnapshot:
     """What the scrape-time metrics read from the engine."""
 
     max_lora: int  # device slots for adapters
-    running_adapters: tuple[str, ...]  # adapters of requests being generated
-    waiting_adapters: tuple[str, ...]  # adapters of admitted requests not started yet
+    running_adapters: tuple[str, ...]  # adapters in device slots, ready to serve
+    waiting_adapters: tuple[str, ...]  # adapters of admitted requests, not in a slot yet
     running: int  # requests being generated
     waiting: int  # requests admitted, not started
     device: tuple[str, ...]  # adapters in device slots

@@ -545,9 +545,15 @@ class Engine:
             device = tuple(self.slots.resident("adapter"))
         stats = self.host.stats()
         merges = self.merging.cache.stats()
+        # The gateway protocol's "running" adapters are those loaded in device slots and ready
+        # to serve (its LoRA-affinity scorer prefers a replica listing the request's adapter):
+        # the slots, idle ones included, and every adapter of a started request (always in a
+        # slot; listed first). vLLM lists only the latter; ours keep idle adapters resident.
+        # "Waiting" ones are waiting to be loaded: admitted requests' adapters not in a slot.
+        running_adapters = tuple(dict.fromkeys((*_adapters_of(started), *device)))
         return metrics.EngineSnapshot(
-            max_lora=self.settings.max_adapters,
-            running_adapters=_adapters_of(started), waiting_adapters=_adapters_of(waiting),
+            max_lora=self.settings.max_adapters, running_adapters=running_adapters,
+            waiting_adapters=tuple(a for a in _adapters_of(waiting) if a not in running_adapters),
             running=len(started), waiting=len(waiting), device=device,
             host=tuple(self.host.ids()), host_bytes=stats.bytes, disk=len(self.store),
             refused=len(self.store.refused), merge_entries=merges.entries,
