@@ -182,7 +182,7 @@ async def _sse(
     try:
         async for i, event in run.events():
             finish = run.finish_reason(i) if event.finish_reason is not None else None
-            if event.text or event.logprobs or event.prompt_ids or finish is not None:
+            if event.token_ids or event.prompt_ids or finish is not None:  # a chunk per token
                 yield _data(chunk(i, event, finish))
         if options is not None and options.include_usage:
             usage.usage = run.usage()

@@ -390,8 +390,10 @@ class Scheduler:
         logprobs = () if logprob is None else (logprob,)
         if finish is not None:
             return finish, delta, (token,), logprobs, None
-        if delta or logprobs:
-            active.job.stream.put(TokenEvent(delta, (token,), logprobs=logprobs))
+        # An event per token, even one whose text is empty (a special token generated with
+        # ignore_eos, a held-back stop-string prefix, part of a UTF-8 character): streamed
+        # chunks then count what usage.completion_tokens counts.
+        active.job.stream.put(TokenEvent(delta, (token,), logprobs=logprobs))
         return None
 
     def _drop_cancelled(self) -> None:

@@ -153,6 +153,10 @@ class CompletionRequest(_OpenAIGeneration):
     """`prompt`: a string, strings, the base model's token ids, or lists of them (as vLLM
     accepts; lm-eval's local-completions sends token ids)."""
 
+    model_config = ConfigDict(json_schema_extra={  # max_tokens 0 only with echo: true
+        "if": {"required": ["max_tokens"], "properties": {"max_tokens": {"const": 0}}},
+        "then": {"required": ["echo"], "properties": {"echo": {"const": True}}},
+    })
     prompt: (NonEmpty | Annotated[list[NonEmpty], Field(min_length=1)] | TokenIds
              | Annotated[list[TokenIds], Field(min_length=1)])
     echo: bool | None = Field(default=False, description="return the prompt before the "
