@@ -355,7 +355,7 @@ class Scheduler:
             torch.set_num_threads(self.prefill_threads)  # cheap: ~0.05 ms
         try:
             logits = self._forward(ids.to(self.device), mask, positions.to(self.device), cache,
-                                   blend, "prefill", every_position=bool(scoring))
+                                   blend, "prefill", bool(scoring))  # every position
         finally:
             torch.set_num_threads(threads)
         if scoring:
