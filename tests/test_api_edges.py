@@ -71,3 +71,28 @@ def test_token_id_prompts_complete_like_their_text(client: openai.OpenAI,
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(prompt=[micro_engine.vocab_size], **greedy)
     assert err.value.body["param"] == "prompt"
+
+
+def test_streamed_chunks_count_what_usage_counts_with_ignore_eos(
+    client: openai.OpenAI, micro_engine: Engine
+) -> None:
+    """Special tokens generated past the end-of-turn marker (ignore_eos) have no text; each
+    still gets its chunk (empty content), so a streaming client counts usage's tokens."""
+    eos = min(micro_engine.eos_ids)
+    assert micro_engine.tokenizer.decode([eos], skip_special_tokens=True) == ""
+    for model in ("base", micro_engine.adapter_ids()[0]):
+        stream = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=6,
+            stream=True, stream_options={"include_usage": True},
+            logit_bias={str(eos): 100}, extra_body={"ignore_eos": True})
+        chunks = list(stream)
+        usage = chunks[-1].usage
+        tokens = [c for c in chunks[1:-1] if c.choices]  # after the role chunk, before usage
+        assert usage.completion_tokens == 6 == len(tokens)
+        assert "".join(c.choices[0].delta.content or "" for c in tokens) == ""
+        assert tokens[-1].choices[0].finish_reason == "length"
+    plain = client.completions.create(model="base", prompt="Hello", max_tokens=5, stream=True,
+                                      stream_options={"include_usage": True},
+                                      extra_body={"ignore_eos": True})
+    chunks = list(plain)
+    assert len([c for c in chunks if c.choices]) == chunks[-1].usage.completion_tokens == 5

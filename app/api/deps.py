@@ -106,13 +106,17 @@ GREEDY_BELOW = 1e-5  # temperatures below this are greedy decoding
 
 def sampling_params(settings: Settings, body: SamplingFields) -> SamplingParams:
     """The request's sampling fields as the engine's SamplingParams (errors name the field)."""
+    echo = body.prompt_logprob_count() is not None
+    least = 0 if echo else 1  # 0: only the echoed prompt's logprobs (lm-eval's loglikelihood)
     for param in ("max_tokens", "max_completion_tokens"):  # both checked, even if both given
         value = getattr(body, param)
-        if value is not None and not 1 <= value <= settings.max_tokens_limit:
+        if value is not None and not least <= value <= settings.max_tokens_limit:
             raise InvalidParameterError(
-                f"{param} must be in [1, {settings.max_tokens_limit}], got {value}", param=param
+                f"{param} must be in [{least}, {settings.max_tokens_limit}], got {value}"
+                + ("" if echo or value != 0 else " (0 only with echo: true)"), param=param
             )
-    limit = body.max_completion_tokens or body.max_tokens or settings.default_max_tokens
+    limit = next((v for v in (body.max_completion_tokens, body.max_tokens) if v is not None),
+                 settings.default_max_tokens)
     stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     temperature = 1.0 if body.temperature is None else body.temperature
     if temperature < GREEDY_BELOW:  # its limit; dividing logits by it overflows (as vLLM)
@@ -129,6 +133,7 @@ def sampling_params(settings: Settings, body: SamplingFields) -> SamplingParams:
         logit_bias=tuple(sorted((int(t), float(b)) for t, b in (body.logit_bias or {}).items())),
         logprobs=body.logprob_count(),
         json_object=body.json_object,
+        prompt_logprobs=body.prompt_logprob_count(),
     )
 
 

@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 
 from app.engine.protocol import EngineClient
-from app.engine.types import TokenLogprob
+from app.engine.types import TokenEvent, TokenLogprob
 from app.protocol import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
 
 FLOOR = -9999.0  # what OpenAI reports for a probability that underflows
@@ -52,13 +52,45 @@ def completion_logprobs(
     """`offset`: where the first token starts in the choice's text (its earlier chunks)."""
     names = _names(engine, entries)
     tokens = [names[e.token_id] for e in entries]
-    offsets = []
-    for token in tokens:
-        offsets.append(offset)
-        offset += len(token)
     return CompletionLogprobs(
         tokens=tokens,
         token_logprobs=[_finite(e.logprob) for e in entries],
         top_logprobs=[{names[t]: _finite(lp) for t, lp in e.top} for e in entries],
-        text_offset=offsets,
+        text_offset=_offsets(tokens, offset),
     )
+
+
+def prompt_logprobs(engine: EngineClient, prompt: TokenEvent) -> CompletionLogprobs:
+    """An echoed prompt's tokens (from the engine's prompt event): the first token has no
+    logprob (null, as OpenAI and vLLM report it), the others their logprob under the blend."""
+    rest = completion_logprobs(engine, prompt.prompt_logprobs, 0)
+    first = engine.token_strings(prompt.prompt_ids[:1])
+    tokens = first + rest.tokens
+    return CompletionLogprobs(
+        tokens=tokens,
+        token_logprobs=[None, *rest.token_logprobs],
+        top_logprobs=[None, *rest.top_logprobs],
+        text_offset=_offsets(tokens, 0),
+    )
+
+
+def joined(parts: Sequence[CompletionLogprobs]) -> CompletionLogprobs:
+    """Several parts of one choice (the echoed prompt, then the completion), offsets carried
+    on: each part's offsets restart at 0."""
+    out = CompletionLogprobs(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
+    offset = 0
+    for part in parts:
+        out.tokens += part.tokens
+        out.token_logprobs += part.token_logprobs
+        out.top_logprobs += part.top_logprobs
+        out.text_offset += _offsets(part.tokens, offset)
+        offset += sum(len(t) for t in part.tokens)
+    return out
+
+
+def _offsets(tokens: Sequence[str], offset: int) -> list[int]:
+    offsets = []
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    return offsets

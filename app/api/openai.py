@@ -25,7 +25,7 @@ from app.api.deps import (
     require_api_key,
 )
 from app.api.errors import error_body
-from app.api.logprobs import chat_logprobs, completion_logprobs
+from app.api.logprobs import chat_logprobs, completion_logprobs, joined, prompt_logprobs
 from app.api.openapi import GENERATION_ERRORS, generation_200, responses
 from app.api.runs import Run, start_run
 from app.engine.types import TokenEvent
@@ -38,6 +38,7 @@ from app.protocol import (
     ChatCompletionRequest,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     Delta,
     ModelCard,
@@ -114,6 +115,12 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     run = await start_run(request, engine, body, body.model,
                           [(p, p if isinstance(p, str) else "") for p in prompts], rid, body.n)
     with_logprobs = body.logprobs is not None
+    echo = bool(body.echo)  # the engine then sends each choice's prompt event first
+
+    def prompt_text(i: int, event: TokenEvent) -> str:
+        prompt = prompts[i // run.n]  # the client's own text; token ids: their decoded text
+        return prompt if isinstance(prompt, str) else event.prompt_text
+
     # One routing per prompt: with several prompts each choice says how it was blended.
     per_choice = len(prompts) > 1
     if body.stream:
@@ -121,10 +128,16 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 
         def chunk(i: int, event: TokenEvent, finish: str | None) -> str:
             logprobs = None
-            if with_logprobs:
+            text = event.text
+            if event.prompt_ids:
+                text = prompt_text(i, event)
+                if with_logprobs:
+                    logprobs = prompt_logprobs(engine, event)
+            elif with_logprobs:
                 logprobs = completion_logprobs(engine, event.logprobs, offsets[i])
+            if logprobs is not None:
                 offsets[i] = sum(len(t) for t in logprobs.tokens) + offsets[i]
-            choice = CompletionChoice(index=i, text=event.text, finish_reason=finish,
+            choice = CompletionChoice(index=i, text=text, finish_reason=finish,
                                       logprobs=logprobs)
             return Completion(id=rid, model=body.model, choices=[choice]).model_dump_json(
                 exclude={"usage": True, "routing": True, "choices": {"__all__": {"routing"}}})
@@ -134,12 +147,22 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         return EventStream(_sse(run, first.model_dump_json(exclude={"usage"}), chunk, usage,
                                 body.stream_options), run)
     texts = await run.collect(request)
+
+    def choice_logprobs(i: int) -> CompletionLogprobs | None:
+        if not with_logprobs:
+            return None
+        generated = completion_logprobs(engine, run.logprobs[i])
+        prompt = run.prompts[i]
+        return joined([prompt_logprobs(engine, prompt), generated]) if prompt else generated
+
+    if echo:
+        texts = [prompt_text(i, run.prompts[i]) + text  # type: ignore[arg-type]
+                 for i, text in enumerate(texts)]
     response = Completion(
         id=rid, model=body.model, usage=run.usage(), routing=run.routing(),
         choices=[CompletionChoice(
             index=i, text=text, finish_reason=run.finish_reason(i),
-            logprobs=completion_logprobs(engine, run.logprobs[i]) if with_logprobs else None,
-            routing=run.routing(i) if per_choice else None,
+            logprobs=choice_logprobs(i), routing=run.routing(i) if per_choice else None,
         ) for i, text in enumerate(texts)],
     )
     exclude = None if per_choice else {"choices": {"__all__": {"routing"}}}
@@ -159,7 +182,7 @@ async def _sse(
     try:
         async for i, event in run.events():
             finish = run.finish_reason(i) if event.finish_reason is not None else None
-            if event.text or event.logprobs or finish is not None:
+            if event.token_ids or event.prompt_ids or finish is not None:  # a chunk per token
                 yield _data(chunk(i, event, finish))
         if options is not None and options.include_usage:
             usage.usage = run.usage()

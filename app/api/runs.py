@@ -67,6 +67,7 @@ class Run:
         self.n = n
         self.finals: list[TokenEvent | None] = [None] * len(streams)
         self.logprobs: list[list[TokenLogprob]] = [[] for _ in streams]  # filled by collect()
+        self.prompts: list[TokenEvent | None] = [None] * len(streams)  # echo: by collect()
 
     @classmethod
     async def start(
@@ -154,6 +155,9 @@ class Run:
         async def read(i: int, stream: GenerationStream) -> str:
             parts = []
             async for event in stream:
+                if event.prompt_ids:  # the echoed prompt (it has no text of the completion)
+                    self.prompts[i] = event
+                    continue
                 parts.append(event.text)
                 self.logprobs[i].extend(event.logprobs)
                 self.finals[i] = event if event.finish_reason is not None else None

@@ -89,6 +89,7 @@ class _Active:
     slot: int | None = None  # its row in the KV pool, reserved when it starts
     cached: int = 0  # prompt tokens whose states came from the prefix cache
     key: str = ""  # its blend's prefix-cache key
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # echo: filled by prefill
 
 
 class Scheduler:
@@ -263,6 +264,15 @@ class Scheduler:
             now = time.perf_counter()
             active.first_token_at = now
             metrics.TIME_TO_FIRST_TOKEN.observe(now - active.job.admitted_at)
+            sampling = active.job.request.sampling
+            if sampling.prompt_logprobs is not None:
+                prompt = active.sequence.prompt_ids
+                active.job.stream.put(TokenEvent(
+                    "", (), prompt_ids=tuple(prompt), prompt_text=self.tokenizer.decode(prompt),
+                    prompt_logprobs=tuple(active.prompt_logprobs)))
+            if sampling.max_tokens == 0:  # the prompt's logprobs were all it asked for
+                leaving.append((active, ("length", "", (), (), None)))
+                continue
             outcome = self._advance(active, logits[b : b + 1], None)
             if outcome is None:
                 joining.append(active)
@@ -305,7 +315,8 @@ class Scheduler:
             job.started = True
             active = _Active(job, sequence, slot=self.pool.allocate(),
                              key=blend_key(job.request.merge, job.stream.admission.blend))
-            self._reuse_prefix(active)
+            if job.request.sampling.prompt_logprobs is None:  # echo needs every position
+                self._reuse_prefix(active)
             self.prefilling.append(active)
             metrics.QUEUE_DEPTH.dec()
             room -= 1
@@ -335,14 +346,23 @@ class Scheduler:
             positions[b, width - take:] = torch.arange(start, start + take)
         mask = torch.cat([past, mask.to(self.device)], dim=1)
         blend = BlendBatch.from_rows([a.job.rows for a, _ in chosen], self.device, self.dtype)
+        # Rows that echo their prompt's logprobs need every position's logits (the whole
+        # chunk's LM head); the others need only the last.
+        scoring = [b for b, (a, _) in enumerate(chosen)
+                   if a.job.request.sampling.prompt_logprobs is not None]
         threads = torch.get_num_threads()
         if self.prefill_threads is not None:
             torch.set_num_threads(self.prefill_threads)  # cheap: ~0.05 ms
         try:
             logits = self._forward(ids.to(self.device), mask, positions.to(self.device), cache,
-                                   blend, "prefill")
+                                   blend, "prefill", bool(scoring))  # every position
         finally:
             torch.set_num_threads(threads)
+        if scoring:
+            for b in scoring:
+                active, take = chosen[b]
+                _score_prompt(active, logits[b, width - take:], active.sequence.prefilled)
+            logits = logits[:, -1]
         metrics.PREFILL_TOKENS_PER_STEP.observe(sum(take for _, take in chosen))
         return logits, split_rows(cache, mask)
 
@@ -370,8 +390,10 @@ class Scheduler:
         logprobs = () if logprob is None else (logprob,)
         if finish is not None:
             return finish, delta, (token,), logprobs, None
-        if delta or logprobs:
-            active.job.stream.put(TokenEvent(delta, (token,), logprobs=logprobs))
+        # An event per token, even one whose text is empty (a special token generated with
+        # ignore_eos, a held-back stop-string prefix, part of a UTF-8 character): streamed
+        # chunks then count what usage.completion_tokens counts.
+        active.job.stream.put(TokenEvent(delta, (token,), logprobs=logprobs))
         return None
 
     def _drop_cancelled(self) -> None:
@@ -443,7 +465,10 @@ class Scheduler:
         cache: Cache | None,
         blend: BlendBatch | None,
         phase: str,
+        every_position: bool = False,
     ) -> torch.Tensor:
+        """The last position's logits [batch, vocab]; every position's [batch, seq, vocab]
+        with `every_position`."""
         with self.model_lock:
             self.context.batch = blend
             started = time.perf_counter()
@@ -453,7 +478,7 @@ class Scheduler:
                     position_ids=position_ids, cache=cache, use_cache=True,
                     # Only the last position is sampled: skip the LM head on the other prompt
                     # tokens (a fifth of a prefill's FLOPs for this vocabulary).
-                    logits_to_keep=1,
+                    logits_to_keep=0 if every_position else 1,
                 )
                 if self.device.type == "cuda":
                     # The sampler waits for the logits anyway; waiting here makes the metric
@@ -462,7 +487,7 @@ class Scheduler:
                 metrics.FORWARD_SECONDS.labels(phase=phase).observe(time.perf_counter() - started)
             finally:
                 self.context.batch = None
-        return out.logits[:, -1]
+        return out.logits if every_position else out.logits[:, -1]
 
     # --- leaving --------------------------------------------------------------------------
     def _finish(
@@ -527,6 +552,27 @@ class Scheduler:
         for active in prefilling + running:
             self._finish(active, reason, error=error)
         metrics.RUNNING_REQUESTS.set(0)
+
+
+def _score_prompt(active: _Active, logits: torch.Tensor, start: int) -> None:
+    """Record the logprobs of the prompt tokens that a chunk's positions predict: `logits`
+    [take, vocab] are those of prompt positions start..start+take-1, and position p predicts
+    prompt token p+1 (the chunk's last position may predict the first generated token)."""
+    prompt = active.sequence.prompt_ids
+    n = min(logits.shape[0], len(prompt) - 1 - start)
+    if n <= 0:
+        return
+    logprobs = torch.log_softmax(logits[:n].float(), dim=-1)
+    targets = torch.tensor(prompt[start + 1 : start + 1 + n], device=logprobs.device)
+    values = logprobs.gather(1, targets[:, None])[:, 0].tolist()
+    k = active.job.request.sampling.prompt_logprobs or 0
+    tops: list[tuple[tuple[int, float], ...]] = [()] * n
+    if k > 0:
+        best, ids = logprobs.topk(k, dim=-1)
+        tops = [tuple(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), best.tolist(),
+                                                               strict=True)]
+    active.prompt_logprobs.extend(TokenLogprob(t, lp, top) for t, lp, top in
+                                  zip(targets.tolist(), values, tops, strict=True))
 
 
 def _batch_argmax(running: list[_Active], logits: torch.Tensor) -> list[int] | None:

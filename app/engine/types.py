@@ -86,10 +86,14 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's and k alternatives
     json_object: bool = False  # constrain the output to one JSON object
+    # The prompt's own tokens' logprobs (echo): None: none; k >= 0: with k alternatives each.
+    # The prompt then skips the prefix cache (every position's logits are needed).
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise InvalidRequestError("max_tokens must be >= 1", param="max_tokens")
+        if self.max_tokens < 0 or (self.max_tokens == 0 and self.prompt_logprobs is None):
+            raise InvalidRequestError("max_tokens must be >= 1 (0 only with the prompt's "
+                                      "logprobs: echo)", param="max_tokens")
         if not 0.0 <= self.temperature <= 2.0:
             raise InvalidRequestError("temperature must be in [0, 2]", param="temperature")
         if not 0.0 < self.top_p <= 1.0:
@@ -106,6 +110,8 @@ class SamplingParams:
                 )
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise InvalidRequestError("top_logprobs must be in [0, 20]", param="top_logprobs")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise InvalidRequestError("logprobs must be in [0, 20]", param="logprobs")
 
     @property
     def greedy(self) -> bool:
@@ -166,6 +172,12 @@ class TokenEvent:
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token of `token_ids`, when asked for
     error: EngineError | None = None  # why, when finish_reason is "error" or "cancelled"
     cached_tokens: int = 0  # prompt tokens whose states came from the prefix cache
+    # Once, before the first token, when the request asked for the prompt's logprobs: the
+    # prompt's ids and text, and one entry per prompt token after the first (the first has
+    # no context to be predicted from).
+    prompt_ids: tuple[int, ...] = ()
+    prompt_text: str = ""
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)

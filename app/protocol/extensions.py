@@ -173,6 +173,10 @@ class SamplingFields(_Extensions):
         """Alternatives per token the engine reports (None: no log-probabilities)."""
         return None
 
+    def prompt_logprob_count(self) -> int | None:
+        """Alternatives per prompt token the engine reports (None: the prompt is not echoed)."""
+        return None
+
     @property
     def json_object(self) -> bool:
         return isinstance(self.response_format, JsonObjectFormat)

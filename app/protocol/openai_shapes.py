@@ -15,6 +15,7 @@ from pydantic_core import PydanticCustomError
 
 from app.protocol.base import (
     INVALID_VALUE,
+    MAX_STATIC_TOKENS,
     RoutingInfo,
     Usage,
     Whole,
@@ -152,21 +153,24 @@ class CompletionRequest(_OpenAIGeneration):
     """`prompt`: a string, strings, the base model's token ids, or lists of them (as vLLM
     accepts; lm-eval's local-completions sends token ids)."""
 
+    model_config = ConfigDict(json_schema_extra={  # max_tokens 0 only with echo: true
+        "if": {"required": ["max_tokens"], "properties": {"max_tokens": {"const": 0}}},
+        "then": {"required": ["echo"], "properties": {"echo": {"const": True}}},
+    })
     prompt: (NonEmpty | Annotated[list[NonEmpty], Field(min_length=1)] | TokenIds
              | Annotated[list[TokenIds], Field(min_length=1)])
-    echo: bool | None = Field(default=False, description="echo is not supported",
-                       json_schema_extra={"enum": [False, None]})
+    echo: bool | None = Field(default=False, description="return the prompt before the "
+                              "completion; with logprobs, the prompt tokens' logprobs too (the "
+                              "first is null), under the request's blend")
     logprobs: Whole(ge=0, le=5) | None = None
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, echo: bool | None) -> bool | None:
-        if echo:
-            raise PydanticCustomError(INVALID_VALUE, "echo is not supported")
-        return echo
+    max_tokens: Whole(ge=0, le=MAX_STATIC_TOKENS) | None = Field(
+        default=None, description="0 only with echo: the prompt's logprobs, nothing generated")
 
     def logprob_count(self) -> int | None:
         return self.logprobs
+
+    def prompt_logprob_count(self) -> int | None:
+        return (self.logprobs or 0) if self.echo else None
 
     def prompts(self) -> list[str] | list[list[int]]:
         """One entry per prompt: text, or token ids."""
@@ -177,9 +181,9 @@ class CompletionRequest(_OpenAIGeneration):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]  # per token: up to `logprobs` alternatives
-    text_offset: list[int]  # each token's offset in the completion's text
+    token_logprobs: list[float | None]  # None: an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None]  # per token: up to `logprobs` alternatives
+    text_offset: list[int]  # each token's offset in the choice's text
 
 
 class CompletionChoice(BaseModel):
