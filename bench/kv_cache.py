@@ -12,12 +12,15 @@ Workloads (routed requests, model="auto", greedy, real EOS, at most --max-tokens
 - multi_turn: conversations of --turns turns; each turn resends the history (the previous
   replies as text, as chat clients do) plus a follow-up question; TTFT by turn.
 - join vs steady (cache on): --join-rows rows decoding --join-steps tokens (ignore EOS) alone,
-  then beside two clients sending 2-token requests back to back, so that a row joins and one
-  leaves about every step; the steady rows' TPOT p50 (middle half of their tokens) both ways.
+  then beside --join-feeders clients sending 2-token requests back to back, so that rows join
+  and leave about every step (the joins per decode step are printed); the steady rows' TPOT
+  p50 (middle half of their tokens) both ways.
 
-With the cache on, the levels run after one discarded pass over their prompts (--cold: not),
-so hits come from earlier requests with the same start and blend, as on a server that has
-been up; the multi-turn conversations are always new.
+Each level runs twice back to back, cache off then on (paired in time: the machine may be
+shared). With the cache on, the levels run after one discarded pass over their prompts
+(--cold: the cache is emptied before each cache-on level instead), so hits come from earlier
+requests with the same start and blend, as on a server that has been up; the multi-turn
+conversations are always new.
 
 Prints TTFT p50/p95, TPOT p50, aggregate tokens/s, the prefix hit rate (hit tokens / prompt
 tokens looked up, from the server's own counters) and the peak KV memory (pool tokens in use
@@ -79,7 +82,8 @@ class KvPeak:
     def _sample(self) -> None:
         pool, prefix = self.engine.kv_pool, self.engine.prefix_cache
         while not self._stop.wait(0.01):
-            self.peak = max(self.peak, pool.used_tokens * pool.token_bytes + prefix.bytes_used)
+            cached = prefix.bytes_used if prefix.enabled else 0  # kept, unused while off
+            self.peak = max(self.peak, pool.used_tokens * pool.token_bytes + cached)
 
     def __enter__(self) -> KvPeak:
         self._thread.start()
@@ -98,6 +102,14 @@ def set_cache(engine: Engine, on: bool, capacity: int) -> None:
     """Between levels (the engine idle): enable or disable reuse, and start cold."""
     engine.prefix_cache.capacity_bytes = capacity if on else 0
     engine.prefix_cache.forget_all()
+
+
+def pause_cache(engine: Engine, on: bool, capacity: int, cold: bool) -> None:
+    """Between levels: turn reuse off or on without dropping the cached blocks (cold: drop
+    them before turning it on)."""
+    if on and cold:
+        engine.prefix_cache.forget_all()
+    engine.prefix_cache.capacity_bytes = capacity if on else 0
 
 
 def level(engine: Engine, workload: str, cache: str, prompts: list[Prompt], clients: int,
@@ -252,6 +264,8 @@ def main() -> None:
     parser.add_argument("--join-rows", type=int, default=8,
                         help="steady rows of the join-vs-steady decode section (0: skip it)")
     parser.add_argument("--join-steps", type=int, default=48)
+    parser.add_argument("--join-feeders", type=int, default=4,
+                        help="clients sending 2-token requests beside the steady rows")
     parser.add_argument("--cold", action="store_true",
                         help="measure the cache from cold (default: after one pass over the "
                              "prompts, as a server that has been up a while)")
@@ -267,27 +281,30 @@ def main() -> None:
             n_long = len(engine.tokenizer(long[0].rendered)["input_ids"])
             n_short = len(engine.tokenizer(short[0].rendered)["input_ids"])
             level(engine, "warm-up", "on", short, 2, 4, args.max_tokens)
+            set_cache(engine, True, capacity)
+            if not args.cold:
+                # Steady state: every prompt of the levels below seen once (discarded).
+                for prompts in (long, short):
+                    level(engine, "warm-up", "on", prompts, 8, args.requests, args.max_tokens)
+            # Each level runs with the cache off, then at once with it on (the blocks kept
+            # while it is off), so that a pair sees the same load on a shared machine.
             rows, turns = [], {}
-            for cache in ("off", "on"):
-                set_cache(engine, cache == "on", capacity)
-                if cache == "on" and not args.cold:
-                    # Steady state: every prompt of the levels below seen once (discarded).
-                    for prompts in (long, short):
-                        level(engine, "warm-up", cache, prompts, 8, args.requests,
-                              args.max_tokens)
-                for clients in (1, 8):
-                    rows.append(level(engine, "long_prompt", cache, long, clients,
+            for workload, prompts, clients in (("long_prompt", long, 1), ("long_prompt", long, 8),
+                                               ("short", short, 1), ("short", short, 8)):
+                for cache in ("off", "on"):
+                    pause_cache(engine, cache == "on", capacity, cold=args.cold)
+                    rows.append(level(engine, workload, cache, prompts, clients,
                                       args.requests, args.max_tokens))
-                for clients in (1, 8):
-                    rows.append(level(engine, "short", cache, short, clients, args.requests,
-                                      args.max_tokens))
+            for cache in ("off", "on"):
+                pause_cache(engine, cache == "on", capacity, cold=args.cold)
                 row, turns[cache] = multi_turn(engine, cache, short, 1, args.conversations,
                                                args.turns, args.max_tokens)
                 rows.append(row)
             join = None
             if args.join_rows:
                 # Cache on (left on by the loop above): joining rows reuse the template's prefix.
-                join = join_vs_steady(engine, short, args.join_rows, args.join_steps, 2)
+                join = join_vs_steady(engine, short, args.join_rows, args.join_steps,
+                                      args.join_feeders)
         finally:
             engine.shutdown()
     print(f"\nzoo={args.zoo}, device={engine.device}, torch threads={engine.threads}, "

@@ -19,6 +19,10 @@ Three workloads, because a benchmark that only ignores EOS flatters:
 - real_eos:    requests stop where the model stops (the demo's answers are 3-14 tokens): real
                traffic of short answers is mostly prefill.
 - long_prompt: real EOS behind a ~500-token system prompt, as chat applications send.
+- multi_turn:  real EOS, conversations of MULTI_TURNS turns: each turn resends the history
+               (earlier replies as text, as chat clients do) plus a follow-up question, so
+               the prefix cache serves the earlier turns; one "request" of a level is one
+               conversation, its turns counted one by one (base and dynamic only).
 
 Clients are threads in a closed loop (a new request the moment one ends, so requests join
 all the time); each takes the next prompt (held-out eval prompts of every task, interleaved,
@@ -113,13 +117,18 @@ class Workload:
     name: str
     ignore_eos: bool
     system_prompt: bool  # behind LONG_SYSTEM_PROMPT
+    turns: int = 1  # > 1: each request is a conversation of this many turns
 
 
 WORKLOADS = {
     "ignore_eos": Workload("ignore_eos", ignore_eos=True, system_prompt=False),
     "real_eos": Workload("real_eos", ignore_eos=False, system_prompt=False),
     "long_prompt": Workload("long_prompt", ignore_eos=False, system_prompt=True),
+    "multi_turn": Workload("multi_turn", ignore_eos=False, system_prompt=False, turns=5),
 }
+MULTI_TURNS = WORKLOADS["multi_turn"].turns
+FOLLOW_UPS = ["Can you explain that?", "Say it another way.", "Is that right?",
+              "One more time, briefly.", "Thanks. Anything else?"]
 _POLICY = (
     "You are the assistant of a small online shop that sells books, games and stationery. "
     "Answer the customer's question directly and briefly. Be polite, never invent order "
@@ -148,6 +157,24 @@ def engine_client(engine: Engine, model: str, max_tokens: int,
                 first = now
             parts.append(event.text)
         return Timing(submitted, first or now, now, event.completion_tokens, "".join(parts))
+
+    return run
+
+
+def conversation_client(engine: Engine, model: str, max_tokens: int, turns: int
+                        ) -> Callable[[Prompt], list[Timing]]:
+    """A client that runs a whole conversation per prompt; one Timing per turn."""
+    single = engine_client(engine, model, max_tokens, ignore_eos=False)
+
+    def run(prompt: Prompt) -> list[Timing]:
+        history = [{"role": "user", "content": prompt.text}]
+        out = []
+        for turn in range(turns):
+            timing = single(Prompt(prompt.text, engine.render_chat(history), prompt.task))
+            out.append(timing)
+            history += [{"role": "assistant", "content": timing.text},
+                        {"role": "user", "content": FOLLOW_UPS[turn % len(FOLLOW_UPS)]}]
+        return out
 
     return run
 
@@ -265,15 +292,16 @@ def load_prompts(engine: Engine, store: Path, system_prompt: str | None = None) 
 def run_level(
     workload: str,
     system: str,
-    run: Callable[[Prompt], Timing],
+    run: Callable[[Prompt], Timing | list[Timing]],
     prompts: list[Prompt],
     concurrency: int,
     requests: int,
 ) -> LevelResult:
-    """`requests` requests from `concurrency` closed-loop client threads."""
+    """`requests` requests from `concurrency` closed-loop client threads (a client returning
+    a list of Timings ran a conversation: each turn counts as one request)."""
     todo = iter(range(requests))
     todo_lock = threading.Lock()
-    timings: list[tuple[int, Timing]] = []
+    timings: list[tuple[tuple[int, int], Timing]] = []
     errors: list[BaseException] = []
     bar = tqdm(total=requests, desc=f"{workload} {system:>7} @{concurrency:<2}", unit="req",
                leave=False)
@@ -290,7 +318,8 @@ def run_level(
                 errors.append(error)
                 return
             with todo_lock:
-                timings.append((i, timing))
+                for j, t in enumerate(timing if isinstance(timing, list) else [timing]):
+                    timings.append(((i, j), t))
                 bar.update()
 
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
@@ -550,7 +579,12 @@ def main() -> None:
                     "dynamic": engine_client(engine, AUTO_MODEL, args.max_tokens,
                                              workload.ignore_eos),
                 }
-                if naive is not None and name in args.naive_workloads:
+                if workload.turns > 1:
+                    clients = {system: conversation_client(engine, model, args.max_tokens,
+                                                           workload.turns)
+                               for system, model in (("base", BASE_MODEL),
+                                                     ("dynamic", AUTO_MODEL))}
+                elif naive is not None and name in args.naive_workloads:
                     clients["naive"] = naive.client(args.max_tokens, workload.ignore_eos)
                 results += measure(args, name, clients, prompts)
         finally:

@@ -87,7 +87,7 @@ def test_demo_outputs_with_the_cache_on_are_those_with_it_off(demo_engine):
 
     def conversation(h: Harness, cache: int) -> list[tuple[list[int], list[float], int]]:
         one = _run(h, first, staggered=True)
-        # A second turn of three conversations (routed): the history (prompt and reply) plus a question.
+        # A second turn of three routed conversations: history (prompt, reply), a question.
         second = []
         for (text, blend, _), (ids, _, _) in list(zip(first, one, strict=True))[:12:4]:
             messages = [{"role": "user", "content": text},
