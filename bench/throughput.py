@@ -470,6 +470,8 @@ def make_settings(zoo: str, scratch: Path) -> Settings:
         )
     if zoo == "demo-random":
         return random_demo_zoo(scratch / "adapters")
+    if zoo == "qwen-random":
+        return random_demo_zoo(scratch / "adapters", qwen_shaped_base(scratch / "qwen"), rank=16)
     settings = Settings()
     from adapters.registry import list_store
 
@@ -481,8 +483,29 @@ def make_settings(zoo: str, scratch: Path) -> Settings:
     return settings
 
 
-def random_demo_zoo(store: Path) -> Settings:
-    """The demo base plus six random adapters of the demo's shape (rank, alpha, targets).
+def qwen_shaped_base(out: Path) -> Path:
+    """A random model of Qwen2.5-0.5B's shape (24 layers, hidden 896, 14 query and 2 KV heads,
+    MLP 4864, tied embeddings), with the demo's tokenizer and chat template (no weights can be
+    downloaded here): its vocabulary is the demo's 49,152 tokens, not Qwen's 151,936."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model_path(Settings()))
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=896, intermediate_size=4864,
+        num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+        max_position_embeddings=32768, rope_theta=1_000_000.0, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def random_demo_zoo(store: Path, base: Path | None = None, rank: int | None = None
+                    ) -> Settings:
+    """The demo base (or `base`) plus six random adapters of the demo's shape (rank, alpha,
+    targets; `rank` overrides the rank).
 
     Speed depends on shapes, not on trained values, so this measures what the trained demo zoo
     would give, before training has finished. Exemplars and eval prompts are the demo's own.
@@ -493,13 +516,13 @@ def random_demo_zoo(store: Path) -> Settings:
     from adapters.zoo.tasks import TASKS, make_splits
     from adapters.zoo.train import N_EVAL, N_EXEMPLARS, TrainConfig
 
-    settings = Settings(adapter_store=store)
+    settings = Settings(adapter_store=store, base_model=base)
     cfg = TrainConfig()
     model = AutoModelForCausalLM.from_pretrained(base_model_path(settings))
     for seed, task in enumerate(TASKS):
         torch.manual_seed(seed)
         lora = LoraConfig(
-            r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.targets),
+            r=rank or cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.targets),
             init_lora_weights=False, lora_dropout=0.0,
         )
         peft_model = get_peft_model(model, lora)
@@ -516,10 +539,12 @@ def random_demo_zoo(store: Path) -> Settings:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--zoo", choices=["demo", "demo-random", "micro"], default="demo",
+    parser.add_argument("--zoo", choices=["demo", "demo-random", "qwen-random", "micro"],
+                        default="demo",
                         help="demo: Settings() (DYNAMERGE_* env); demo-random: the demo base "
-                             "with six random adapters of the demo's shapes; micro: a tiny "
-                             "random zoo")
+                             "with six random adapters of the demo's shapes; qwen-random: a "
+                             "random model of Qwen2.5-0.5B's shape with six random rank-16 "
+                             "adapters; micro: a tiny random zoo")
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS),
                         default=list(WORKLOADS))
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 16],
