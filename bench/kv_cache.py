@@ -11,10 +11,17 @@ Workloads (routed requests, model="auto", greedy, real EOS, at most --max-tokens
 - short chats: the short questions at 8 concurrent clients against 1 (one after another).
 - multi_turn: conversations of --turns turns; each turn resends the history (the previous
   replies as text, as chat clients do) plus a follow-up question; TTFT by turn.
+- join vs steady (cache on): --join-rows rows decoding --join-steps tokens (ignore EOS) alone,
+  then beside --join-feeders clients sending 2-token requests (each to its prompt's own adapter
+  by name, so that no routing competes for the CPU) back to back, so that rows join
+  and leave about every step (the joins per decode step are printed); the steady rows' TPOT
+  p50 (middle half of their tokens) both ways.
 
-With the cache on, the levels run after one discarded pass over their prompts (--cold: not),
-so hits come from earlier requests with the same start and blend, as on a server that has
-been up; the multi-turn conversations are always new.
+Each level runs twice back to back, cache off then on (paired in time: the machine may be
+shared). With the cache on, the levels run after one discarded pass over their prompts
+(--cold: the cache is emptied before each cache-on level instead), so hits come from earlier
+requests with the same start and blend, as on a server that has been up; the multi-turn
+conversations are always new.
 
 Prints TTFT p50/p95, TPOT p50, aggregate tokens/s, the prefix hit rate (hit tokens / prompt
 tokens looked up, from the server's own counters) and the peak KV memory (pool tokens in use
@@ -76,7 +83,8 @@ class KvPeak:
     def _sample(self) -> None:
         pool, prefix = self.engine.kv_pool, self.engine.prefix_cache
         while not self._stop.wait(0.01):
-            self.peak = max(self.peak, pool.used_tokens * pool.token_bytes + prefix.bytes_used)
+            cached = prefix.bytes_used if prefix.enabled else 0  # kept, unused while off
+            self.peak = max(self.peak, pool.used_tokens * pool.token_bytes + cached)
 
     def __enter__(self) -> KvPeak:
         self._thread.start()
@@ -95,6 +103,14 @@ def set_cache(engine: Engine, on: bool, capacity: int) -> None:
     """Between levels (the engine idle): enable or disable reuse, and start cold."""
     engine.prefix_cache.capacity_bytes = capacity if on else 0
     engine.prefix_cache.forget_all()
+
+
+def pause_cache(engine: Engine, on: bool, capacity: int, cold: bool) -> None:
+    """Between levels: turn reuse off or on without dropping the cached blocks (cold: drop
+    them before turning it on)."""
+    if on and cold:
+        engine.prefix_cache.forget_all()
+    engine.prefix_cache.capacity_bytes = capacity if on else 0
 
 
 def level(engine: Engine, workload: str, cache: str, prompts: list[Prompt], clients: int,
@@ -164,6 +180,74 @@ def multi_turn(engine: Engine, cache: str, prompts: list[Prompt], clients: int,
     return row, [float(np.median(t)) for t in by_turn]
 
 
+def join_vs_steady(engine: Engine, prompts: list[Prompt], rows: int, steps: int,
+                   feeders: int) -> tuple[float, float, float]:
+    """Decode TPOT of `rows` long-running rows (ignore EOS, `steps` tokens each) alone, then
+    with `feeders` closed-loop clients sending two-token requests beside them, so that a row
+    joins (and another leaves) about every step. Returns (steady TPOT p50 ms, joining TPOT
+    p50 ms, joins per decode step of the second run)."""
+    steady_sampling = SamplingParams(max_tokens=steps, temperature=0.0, ignore_eos=True)
+    short_sampling = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+
+    def request(prompt: Prompt, sampling: SamplingParams, model: str = AUTO_MODEL
+                ) -> GenerationRequest:
+        return GenerationRequest(prompt=prompt.rendered, route_text=prompt.text,
+                                 model=model, sampling=sampling)
+
+    def run(with_joins: bool) -> tuple[float, float]:
+        gaps: list[float] = []
+        joins = 0
+        stop = threading.Event()
+        lock = threading.Lock()
+        started = threading.Barrier(rows + 1)
+
+        def steady(i: int) -> None:
+            times = []
+            stream = engine.submit(request(prompts[i % len(prompts)], steady_sampling))
+            started.wait()
+            for event in stream:
+                if event.token_ids:
+                    times.append(time.perf_counter())
+            # The middle of the run: every row decoding, feeders (if any) going.
+            middle = np.diff(times)[steps // 4: 3 * steps // 4]
+            with lock:
+                gaps.extend(middle.tolist())
+
+        def feeder(i: int) -> None:
+            nonlocal joins
+            while not stop.is_set():
+                # Named adapters: routing (the embedder, on the client's thread) would take
+                # the CPU the engine decodes on, which is not the cost of joining.
+                prompt = prompts[(i + joins) % len(prompts)]
+                for _ in engine.submit(request(prompt, short_sampling, prompt.task)):
+                    pass
+                with lock:
+                    joins += 1
+
+        threads = [threading.Thread(target=steady, args=(i,)) for i in range(rows)]
+        for t in threads:
+            t.start()
+        started.wait()
+        feeding = [threading.Thread(target=feeder, args=(i,)) for i in range(feeders)]
+        if with_joins:
+            for t in feeding:
+                t.start()
+        t0 = time.perf_counter()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        stop.set()
+        if with_joins:
+            for t in feeding:
+                t.join()
+        tpot = float(np.median(gaps)) * 1000
+        return tpot, joins / (wall * 1000 / tpot)
+
+    steady_tpot, _ = run(False)
+    joining_tpot, per_step = run(True)
+    return steady_tpot, joining_tpot, per_step
+
+
 def print_rows(rows: list[Row]) -> None:
     print(f"{'workload':<12}{'cache':>6}{'clients':>8}{'reqs':>6}{'TTFT p50':>10}{'p95':>8}"
           f"{'TPOT p50':>10}{'tok/s':>8}{'hit rate':>9}{'peak KV MiB':>12}")
@@ -181,6 +265,11 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--turns", type=int, default=5)
     parser.add_argument("--conversations", type=int, default=4)
+    parser.add_argument("--join-rows", type=int, default=8,
+                        help="steady rows of the join-vs-steady decode section (0: skip it)")
+    parser.add_argument("--join-steps", type=int, default=48)
+    parser.add_argument("--join-feeders", type=int, default=2,
+                        help="clients sending 2-token requests beside the steady rows")
     parser.add_argument("--cold", action="store_true",
                         help="measure the cache from cold (default: after one pass over the "
                              "prompts, as a server that has been up a while)")
@@ -196,23 +285,30 @@ def main() -> None:
             n_long = len(engine.tokenizer(long[0].rendered)["input_ids"])
             n_short = len(engine.tokenizer(short[0].rendered)["input_ids"])
             level(engine, "warm-up", "on", short, 2, 4, args.max_tokens)
+            set_cache(engine, True, capacity)
+            if not args.cold:
+                # Steady state: every prompt of the levels below seen once (discarded).
+                for prompts in (long, short):
+                    level(engine, "warm-up", "on", prompts, 8, args.requests, args.max_tokens)
+            # Each level runs with the cache off, then at once with it on (the blocks kept
+            # while it is off), so that a pair sees the same load on a shared machine.
             rows, turns = [], {}
-            for cache in ("off", "on"):
-                set_cache(engine, cache == "on", capacity)
-                if cache == "on" and not args.cold:
-                    # Steady state: every prompt of the levels below seen once (discarded).
-                    for prompts in (long, short):
-                        level(engine, "warm-up", cache, prompts, 8, args.requests,
-                              args.max_tokens)
-                for clients in (1, 8):
-                    rows.append(level(engine, "long_prompt", cache, long, clients,
+            for workload, prompts, clients in (("long_prompt", long, 1), ("long_prompt", long, 8),
+                                               ("short", short, 1), ("short", short, 8)):
+                for cache in ("off", "on"):
+                    pause_cache(engine, cache == "on", capacity, cold=args.cold)
+                    rows.append(level(engine, workload, cache, prompts, clients,
                                       args.requests, args.max_tokens))
-                for clients in (1, 8):
-                    rows.append(level(engine, "short", cache, short, clients, args.requests,
-                                      args.max_tokens))
+            for cache in ("off", "on"):
+                pause_cache(engine, cache == "on", capacity, cold=args.cold)
                 row, turns[cache] = multi_turn(engine, cache, short, 1, args.conversations,
                                                args.turns, args.max_tokens)
                 rows.append(row)
+            join = None
+            if args.join_rows:
+                # Cache on (left on by the loop above): joining rows reuse the template's prefix.
+                join = join_vs_steady(engine, short, args.join_rows, args.join_steps,
+                                      args.join_feeders)
         finally:
             engine.shutdown()
     print(f"\nzoo={args.zoo}, device={engine.device}, torch threads={engine.threads}, "
@@ -231,6 +327,11 @@ def main() -> None:
     def p50(r: Row) -> float:
         return float(np.nanpercentile(r.ttft, 50))
 
+    if join is not None:
+        steady, joining, per_step = join
+        print(f"join vs steady: {args.join_rows} rows decoding {args.join_steps} tokens; TPOT "
+              f"p50 steady {steady:.1f} ms, with rows joining {joining:.1f} ms "
+              f"({per_step:.2f} joins per decode step, each a 2-token request)")
     checks = [
         ("long_prompt TTFT p50 @1 / short TTFT p50 @1 (cache on)",
          p50(get("long_prompt", "on", 1)) / p50(get("short", "on", 1)), "<=", 1.5),
@@ -242,6 +343,9 @@ def main() -> None:
         ("short chats tok/s: 8 concurrent / 1 at a time (cache on)",
          get("short", "on", 8).tokens_per_s / get("short", "on", 1).tokens_per_s, ">=", 2.5),
     ]
+    if join is not None:
+        checks.append(("decode TPOT p50: rows joining every step / steady batch",
+                       join[1] / join[0], "<=", 1.2))
     print("\ntargets:")
     for name, value, op, target in checks:
         met = value <= target if op == "<=" else value >= target

@@ -19,6 +19,10 @@ Three workloads, because a benchmark that only ignores EOS flatters:
 - real_eos:    requests stop where the model stops (the demo's answers are 3-14 tokens): real
                traffic of short answers is mostly prefill.
 - long_prompt: real EOS behind a ~500-token system prompt, as chat applications send.
+- multi_turn:  real EOS, conversations of MULTI_TURNS turns: each turn resends the history
+               (earlier replies as text, as chat clients do) plus a follow-up question, so
+               the prefix cache serves the earlier turns; one "request" of a level is one
+               conversation, its turns counted one by one (base and dynamic only).
 
 Clients are threads in a closed loop (a new request the moment one ends, so requests join
 all the time); each takes the next prompt (held-out eval prompts of every task, interleaved,
@@ -113,13 +117,18 @@ class Workload:
     name: str
     ignore_eos: bool
     system_prompt: bool  # behind LONG_SYSTEM_PROMPT
+    turns: int = 1  # > 1: each request is a conversation of this many turns
 
 
 WORKLOADS = {
     "ignore_eos": Workload("ignore_eos", ignore_eos=True, system_prompt=False),
     "real_eos": Workload("real_eos", ignore_eos=False, system_prompt=False),
     "long_prompt": Workload("long_prompt", ignore_eos=False, system_prompt=True),
+    "multi_turn": Workload("multi_turn", ignore_eos=False, system_prompt=False, turns=5),
 }
+MULTI_TURNS = WORKLOADS["multi_turn"].turns
+FOLLOW_UPS = ["Can you explain that?", "Say it another way.", "Is that right?",
+              "One more time, briefly.", "Thanks. Anything else?"]
 _POLICY = (
     "You are the assistant of a small online shop that sells books, games and stationery. "
     "Answer the customer's question directly and briefly. Be polite, never invent order "
@@ -148,6 +157,24 @@ def engine_client(engine: Engine, model: str, max_tokens: int,
                 first = now
             parts.append(event.text)
         return Timing(submitted, first or now, now, event.completion_tokens, "".join(parts))
+
+    return run
+
+
+def conversation_client(engine: Engine, model: str, max_tokens: int, turns: int
+                        ) -> Callable[[Prompt], list[Timing]]:
+    """A client that runs a whole conversation per prompt; one Timing per turn."""
+    single = engine_client(engine, model, max_tokens, ignore_eos=False)
+
+    def run(prompt: Prompt) -> list[Timing]:
+        history = [{"role": "user", "content": prompt.text}]
+        out = []
+        for turn in range(turns):
+            timing = single(Prompt(prompt.text, engine.render_chat(history), prompt.task))
+            out.append(timing)
+            history += [{"role": "assistant", "content": timing.text},
+                        {"role": "user", "content": FOLLOW_UPS[turn % len(FOLLOW_UPS)]}]
+        return out
 
     return run
 
@@ -265,15 +292,16 @@ def load_prompts(engine: Engine, store: Path, system_prompt: str | None = None) 
 def run_level(
     workload: str,
     system: str,
-    run: Callable[[Prompt], Timing],
+    run: Callable[[Prompt], Timing | list[Timing]],
     prompts: list[Prompt],
     concurrency: int,
     requests: int,
 ) -> LevelResult:
-    """`requests` requests from `concurrency` closed-loop client threads."""
+    """`requests` requests from `concurrency` closed-loop client threads (a client returning
+    a list of Timings ran a conversation: each turn counts as one request)."""
     todo = iter(range(requests))
     todo_lock = threading.Lock()
-    timings: list[tuple[int, Timing]] = []
+    timings: list[tuple[tuple[int, int], Timing]] = []
     errors: list[BaseException] = []
     bar = tqdm(total=requests, desc=f"{workload} {system:>7} @{concurrency:<2}", unit="req",
                leave=False)
@@ -290,7 +318,8 @@ def run_level(
                 errors.append(error)
                 return
             with todo_lock:
-                timings.append((i, timing))
+                for j, t in enumerate(timing if isinstance(timing, list) else [timing]):
+                    timings.append(((i, j), t))
                 bar.update()
 
     threads = [threading.Thread(target=client) for _ in range(concurrency)]
@@ -441,6 +470,8 @@ def make_settings(zoo: str, scratch: Path) -> Settings:
         )
     if zoo == "demo-random":
         return random_demo_zoo(scratch / "adapters")
+    if zoo == "qwen-random":
+        return random_demo_zoo(scratch / "adapters", qwen_shaped_base(scratch / "qwen"), rank=16)
     settings = Settings()
     from adapters.registry import list_store
 
@@ -452,8 +483,29 @@ def make_settings(zoo: str, scratch: Path) -> Settings:
     return settings
 
 
-def random_demo_zoo(store: Path) -> Settings:
-    """The demo base plus six random adapters of the demo's shape (rank, alpha, targets).
+def qwen_shaped_base(out: Path) -> Path:
+    """A random model of Qwen2.5-0.5B's shape (24 layers, hidden 896, 14 query and 2 KV heads,
+    MLP 4864, tied embeddings), with the demo's tokenizer and chat template (no weights can be
+    downloaded here): its vocabulary is the demo's 49,152 tokens, not Qwen's 151,936."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(base_model_path(Settings()))
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=896, intermediate_size=4864,
+        num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+        max_position_embeddings=32768, rope_theta=1_000_000.0, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def random_demo_zoo(store: Path, base: Path | None = None, rank: int | None = None
+                    ) -> Settings:
+    """The demo base (or `base`) plus six random adapters of the demo's shape (rank, alpha,
+    targets; `rank` overrides the rank).
 
     Speed depends on shapes, not on trained values, so this measures what the trained demo zoo
     would give, before training has finished. Exemplars and eval prompts are the demo's own.
@@ -464,13 +516,13 @@ def random_demo_zoo(store: Path) -> Settings:
     from adapters.zoo.tasks import TASKS, make_splits
     from adapters.zoo.train import N_EVAL, N_EXEMPLARS, TrainConfig
 
-    settings = Settings(adapter_store=store)
+    settings = Settings(adapter_store=store, base_model=base)
     cfg = TrainConfig()
     model = AutoModelForCausalLM.from_pretrained(base_model_path(settings))
     for seed, task in enumerate(TASKS):
         torch.manual_seed(seed)
         lora = LoraConfig(
-            r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.targets),
+            r=rank or cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.targets),
             init_lora_weights=False, lora_dropout=0.0,
         )
         peft_model = get_peft_model(model, lora)
@@ -487,10 +539,12 @@ def random_demo_zoo(store: Path) -> Settings:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--zoo", choices=["demo", "demo-random", "micro"], default="demo",
+    parser.add_argument("--zoo", choices=["demo", "demo-random", "qwen-random", "micro"],
+                        default="demo",
                         help="demo: Settings() (DYNAMERGE_* env); demo-random: the demo base "
-                             "with six random adapters of the demo's shapes; micro: a tiny "
-                             "random zoo")
+                             "with six random adapters of the demo's shapes; qwen-random: a "
+                             "random model of Qwen2.5-0.5B's shape with six random rank-16 "
+                             "adapters; micro: a tiny random zoo")
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS),
                         default=list(WORKLOADS))
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 16],
@@ -550,7 +604,12 @@ def main() -> None:
                     "dynamic": engine_client(engine, AUTO_MODEL, args.max_tokens,
                                              workload.ignore_eos),
                 }
-                if naive is not None and name in args.naive_workloads:
+                if workload.turns > 1:
+                    clients = {system: conversation_client(engine, model, args.max_tokens,
+                                                           workload.turns)
+                               for system, model in (("base", BASE_MODEL),
+                                                     ("dynamic", AUTO_MODEL))}
+                elif naive is not None and name in args.naive_workloads:
                     clients["naive"] = naive.client(args.max_tokens, workload.ignore_eos)
                 results += measure(args, name, clients, prompts)
         finally:

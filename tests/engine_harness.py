@@ -41,15 +41,17 @@ class Harness:
         self.done[job.request.request_id] += 1
 
     def job(self, text: str, mix: str = "blend", max_tokens: int = 12,
-            messages: list[dict[str, str]] | None = None, **sampling) -> Job:
-        """A greedy job on `text` (or on the conversation `messages`) under `mix`."""
+            messages: list[dict[str, str]] | None = None,
+            blend: tuple[tuple[str, float], ...] | None = None, **sampling) -> Job:
+        """A greedy job on `text` (or on the conversation `messages`) under `mix` (or under
+        `blend`, adapter ids and weights, when given)."""
         engine = self.engine
         prompt = engine.render_chat(messages or [{"role": "user", "content": text}])
         request = GenerationRequest(
             prompt=prompt, route_text=text, model="auto",
             sampling=SamplingParams(max_tokens=max_tokens, temperature=0.0, **sampling),
         )
-        blend = MIXES[mix]
+        blend = MIXES[mix] if blend is None else blend
         rows = [(_resident_slot(engine, a), w) for a, w in blend]
         ids = engine.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         job = Job(request, ids, GenerationStream(Admission(request.request_id, None, blend,

@@ -256,3 +256,62 @@ def test_routing_reports_the_rounded_weights_it_blends(client, micro_engine):
     assert weights == {a: round(round(w / 0.1) * 0.1, 12) for a, w in exact_weights.items()
                        if round(w / 0.1) != 0}
     assert weights != exact_weights  # the micro router's weights are not multiples of 0.1
+
+
+def _kv_tokens_held(s: Scheduler) -> int:
+    """Tokens whose states the scheduler holds for its rows: running rows' slot contents and
+    prompts' states while they are prefilled (each such row has its slot reserved)."""
+    running = sum(s.pool.lens[a.slot] for a in s.running)
+    prefilling = sum(int(a.cache.mask.sum()) for a in s.prefilling if a.cache is not None)
+    return running + prefilling
+
+
+def test_soak_of_mixed_prompts_stays_within_the_pool_and_prefix_budgets(micro_engine):
+    """Long and short prompts under several mixes, more than the pool holds, rows joining and
+    leaving, a prefix cache small enough to evict all along: at every step the rows' KV fits
+    the pool (slots x slot tokens), the prefix cache its bytes (counted from its tensors), the
+    buffers are never reallocated; outputs are those of a run without any cache."""
+    long_system = "Answer as the shop's assistant: be brief, polite and exact. " * 4
+    texts = _prompts()
+    specs = []
+    for i in range(18):
+        text = texts[i % 3]
+        messages = ([{"role": "system", "content": long_system}] if i % 3 == 0 else []) + [
+            {"role": "user", "content": text}]
+        specs.append((text, ("blend", "base", "math")[i % 3 if i % 2 else 0], messages))
+    slots, slot_tokens = 3, 256
+
+    def soak(cache_bytes: int) -> tuple[list[list[int]], int]:
+        h = _harness(micro_engine, cache_bytes, slots=slots, max_step_tokens=64)
+        h.scheduler.pool = pool_for(micro_engine.model, slots, slot_tokens)
+        pool, prefix = h.scheduler.pool, h.scheduler.prefix
+        buffers = [layer.pool_k.data_ptr() for layer in pool.layers]
+        jobs = [h.job(t, m, max_tokens=4 + i % 9, messages=msgs)
+                for i, (t, m, msgs) in enumerate(specs)]
+        assert max(len(j.prompt_ids) for j in jobs) > 128 > min(len(j.prompt_ids) for j in jobs)
+        pending = list(jobs)
+        for _ in range(2000):
+            if pending:
+                h.add(*pending[:2])  # two arrive every step: the pool is over-asked
+                pending = pending[2:]
+            elif not h.scheduler._actionable():
+                break
+            h.scheduler.step()
+            assert pool.in_use <= slots and all(n <= slot_tokens for n in pool.lens)
+            assert _kv_tokens_held(h.scheduler) * pool.token_bytes <= pool.capacity_bytes
+            held = sum(e.numel() * e.element_size() for e in prefix._blocks.values())
+            assert held == prefix.bytes_used <= prefix.capacity_bytes
+            assert [layer.pool_k.data_ptr() for layer in pool.layers] == buffers
+        else:
+            raise AssertionError("the soak did not finish")
+        assert pool.in_use == 0
+        outcomes = [_outcome(h, j) for j in jobs]
+        return [o[0] for o in outcomes], sum(o[2] for o in outcomes)
+
+    evictions = metrics.PREFIX_CACHE_EVICTIONS._value.get()
+    token_bytes = pool_for(micro_engine.model, 1, 1).token_bytes
+    on, cached = soak(40 * token_bytes)  # 10 blocks of 4 tokens
+    assert metrics.PREFIX_CACHE_EVICTIONS._value.get() > evictions  # the eviction path ran
+    assert cached > 0  # and prefixes were reused between evictions
+    off, none = soak(0)
+    assert none == 0 and on == off
