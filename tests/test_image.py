@@ -127,9 +127,14 @@ def built(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         )
         yield Built(engine, build_s, size, root)
     finally:
+        start = time.monotonic()
         if index is not None:
             index.stop()
-        engine.stop()
+        took = engine.stop()
+        _report(
+            request.config,
+            f"index and engine stopped in {time.monotonic() - start:.0f} s: {took}",
+        )
 
 
 @dataclass
@@ -196,8 +201,10 @@ def replicas(built: Built, request: pytest.FixtureRequest) -> Iterator[list[Cont
         _report(request.config, f"two containers ready in {time.monotonic() - start:.0f} s")
         yield started
     finally:
+        start = time.monotonic()
         for container in started:
             built.engine.docker("rm", "--force", container.name, timeout_s=60)
+        _report(request.config, f"containers removed in {time.monotonic() - start:.0f} s")
 
 
 def _ask(client: OpenAI, question: str = QUESTION) -> str:
@@ -231,7 +238,11 @@ def test_container_answers_runs_unprivileged_and_turns_healthy(
 
 
 @pytest.fixture(scope="module")
-def nginx(replicas: list[Container], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
+def nginx(
+    replicas: list[Container],
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
+) -> Iterator[Nginx]:
     if NGINX is None:
         _unavailable("nginx is not installed (.ci/run installs Debian's nginx-light)")
     proxy = Nginx(
@@ -242,7 +253,9 @@ def nginx(replicas: list[Container], tmp_path_factory: pytest.TempPathFactory) -
         proxy.start()
         yield proxy
     finally:
+        start = time.monotonic()
         proxy.stop()
+        _report(request.config, f"nginx stopped in {time.monotonic() - start:.0f} s")
 
 
 def test_two_containers_behind_nginx_share_the_load(
