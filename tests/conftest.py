@@ -43,3 +43,9 @@ def micro_engine(micro_settings: Settings) -> Engine:
     engine.shutdown()
 
 
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The image tests (tests/test_image.py: a dockerd, a build, containers) run last, so that
+    the load they put on the machine and the daemon they start touch no other test."""
+    items.sort(key=lambda item: item.get_closest_marker("image") is not None)

@@ -1,10 +1,10 @@
 """Deployment: the repository's nginx template in front of two real replicas, on loopback.
 
 docker-compose.yml runs replicas of the image behind nginx with deploy/nginx.conf.template.
-No Docker engine runs in CI, so the same template is rendered for two `dynamerge serve`
-processes on the micro zoo and run by Debian's nginx (.ci/run installs it); traffic goes
-through it with the official `openai` client. The files Docker alone reads are checked for
-the wiring these tests rely on.
+Here the same template is rendered for two `dynamerge serve` processes on the micro zoo and
+run by Debian's nginx (.ci/run installs it); traffic goes through it with the official
+`openai` client (tests/test_image.py does the same with two containers of the built image).
+The files Docker alone reads are checked for the wiring these tests rely on.
 """
 
 from __future__ import annotations
