@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -148,6 +149,8 @@ def run_soak(store: Path, base_model: Path, requests: int = 10_000, clients: int
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
+            server.wait()
+        shutil.rmtree(cache, ignore_errors=True)  # the run's embeddings and TE inputs
 
 
 def _wait_ready(url: str, server: subprocess.Popen, timeout_s: float = 300) -> None:
