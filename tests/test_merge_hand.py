@@ -56,6 +56,33 @@ def test_neuro_svd_identical_directions_average():
     torch.testing.assert_close(out[0], (0.2 + 0.6) / 2 * v, **TOL)
 
 
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_neuron_bases_equal_a_batched_svd(k):
+    # The Gram-matrix basis against LAPACK's SVD of each neuron's [K, in] block, on random
+    # rows plus a zero neuron and a rank-deficient one (two tasks share a row): coordinates
+    # times directions rebuild the block, and the merge (elect + mean per direction, which is
+    # invariant to each direction's sign) equals the SVD-based one. Tolerance: 1e-5 relative.
+    from adapters.merge.neuro import _merge_svd, neuron_bases
+    from adapters.merge.ops import elect_and_mean
+
+    g = torch.Generator().manual_seed(k)
+    orth = torch.randn(k, 6, 40, generator=g) * (torch.rand(k, 6, 40, generator=g) < 0.3)
+    orth[:, 0] = 0.0
+    if k > 1:
+        orth[1, 1] = orth[0, 1]
+    coords, vh = neuron_bases(orth)
+    torch.testing.assert_close(coords @ vh, orth.transpose(0, 1), atol=1e-5, rtol=1e-5)
+    w = torch.rand(k, generator=g) + 0.1
+    u, s, ref_vh = torch.linalg.svd(orth.transpose(0, 1), full_matrices=False)
+    ref_coords = u * s[:, None, :]
+    ref_coords = torch.where(ref_coords.abs() <= 1e-5 * s[:, :1, None], 0.0, ref_coords)
+    ref = torch.einsum("oj,oji->oi", elect_and_mean(ref_coords.transpose(0, 1), w, "total"),
+                       ref_vh)
+    out = _merge_svd(orth, w, "total")
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+    assert out.abs().max() > 0  # not vacuous
+
+
 def test_neuro_lambda_2_from_masked_l1():
     # mask_ratio 0.5 of 4 entries keeps 2. d1 keeps 4, -3 (removed L1 3/10: sigma 0.3);
     # d2 keeps 6, 2 (removed 2/10: sigma 0.2). W swaps the axes: row 0 is along e1, row 1
