@@ -155,8 +155,9 @@ class MergeFactory:
             bound = self._rank_bound(key.adapter_ids, module)
             stored, err_sq = _store(merged, options, method, bound)
             modules[module] = stored
-            error_sq += err_sq
-            total_sq += float(merged.double().square().sum())
+            if options.storage != "exact":  # exact: nothing to relate (saves a full pass)
+                error_sq += err_sq
+                total_sq += float(merged.double().square().sum())
         return VirtualAdapter(
             id=f"merge-{key.method}-{next(_ids)}",
             modules=modules,
