@@ -116,6 +116,9 @@ class Settings(BaseSettings):
     merge_max_builds: int = Field(default=1, ge=1, le=64)
     """Merges built at once (each in its request's thread, beside the decode loop): 1 leaves
     the other core to decoding on a 2-core machine."""
+    merge_build_nice: int = Field(default=10, ge=0, le=19)
+    """Niceness added to the merge builder threads, so that decode steps win the CPU while a
+    merge builds (0: the same priority as decoding)."""
     merge_build_queue: int = Field(default=4, ge=0)
     """Merge builds that may wait for a build slot; a further miss gets 503 + Retry-After."""
     merge_weight_step: float = Field(default=0.01, gt=0, le=1)

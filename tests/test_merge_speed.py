@@ -3,6 +3,7 @@ memo, all against the per-module reference maths (`combine`, full SVD)."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -171,7 +172,8 @@ def test_requests_for_one_merge_share_one_build_and_a_full_queue_answers_503(mic
     spec = MergeSpec(method="ties", storage="exact")
     mix = (("math", 0.6), ("cooking", 0.4))
     results: list = []
-    merging._build_slots.acquire()  # stands for a long build holding the only build slot
+    gate = threading.Event()
+    merging._builders.submit(gate.wait)  # stands for a long build on the only builder thread
     try:
         threads = [threading.Thread(target=lambda: results.append(merging.virtual_for(mix, spec)))
                    for _ in range(3)]
@@ -188,7 +190,7 @@ def test_requests_for_one_merge_share_one_build_and_a_full_queue_answers_503(mic
         assert status == 503 and body["error"]["code"] == "merge_queue_full"
         assert error_headers(refused.value, status)["Retry-After"].isdigit()
     finally:
-        merging._build_slots.release()
+        gate.set()
     for t in threads:
         t.join(timeout=30)
     assert len(results) == 3
@@ -198,6 +200,28 @@ def test_requests_for_one_merge_share_one_build_and_a_full_queue_answers_503(mic
     assert stats.misses == 2 and stats.entries == 1  # the refused one counted as a miss too
     virtual, hit = merging.virtual_for((("math", 0.5), ("travel", 0.5)), spec)  # room again
     assert not hit and virtual.modules
+
+
+def test_merges_build_on_builder_threads_of_lower_priority(micro_engine):
+    here = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    if here > 19 - 5:
+        pytest.skip("the test runs at a niceness that leaves no room to lower it")
+    merging = _private_merging(micro_engine, merge_build_nice=5)
+    seen: list[tuple[str, int]] = []
+    build = merging.factory.build
+
+    def observed(key, options):  # the real build, with where it ran noted
+        seen.append((threading.current_thread().name,
+                     os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        return build(key, options)
+
+    merging.factory.build = observed
+    virtual, hit = merging.virtual_for((("math", 0.6), ("cooking", 0.4)),
+                                       MergeSpec(method="ties", storage="exact"))
+    assert not hit and virtual.modules
+    [(name, nice)] = seen
+    assert name.startswith("merge-build") and nice == here + 5
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == here  # caller's kept
 
 
 def test_te_activations_are_cached_on_disk_and_equal_a_fresh_collection(micro_engine):

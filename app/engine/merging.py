@@ -8,8 +8,10 @@ adapter ids, weights rounded to a step, method, params, storage).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -62,10 +64,13 @@ class Merging:
         self._inputs_lock = threading.Lock()
         self._closing = threading.Event()
         self._warm_thread: threading.Thread | None = None
-        # Builds run in the requests' own threads (beside the decode loop), at most
-        # `merge_max_builds` at once so that decoding keeps its core; at most
-        # `merge_build_queue` more wait; beyond that a miss is refused with 503.
-        self._build_slots = threading.Semaphore(settings.merge_max_builds)
+        # Builds run on `merge_max_builds` builder threads beside the decode loop, at a lower
+        # scheduling priority (`merge_build_nice`) so that decode steps win the cores; at
+        # most `merge_build_queue` more wait; beyond that a miss is refused with 503. Their
+        # own threads, not the requests': a thread's niceness cannot be raised back.
+        self._builders = ThreadPoolExecutor(
+            settings.merge_max_builds, thread_name_prefix="merge-build",
+            initializer=_lower_priority, initargs=(settings.merge_build_nice,))
         self._pending = 0
         self._pending_lock = threading.Lock()
         self._mean_build_s = 1.0
@@ -120,8 +125,7 @@ class Merging:
                     "queues; retry later", retry_after_s=max(1.0, wait))
             self._pending += 1
         try:
-            with self._build_slots:
-                virtual = self._build(key, options)
+            virtual = self._builders.submit(self._build, key, options).result()
             with self._pending_lock:  # a running mean, for Retry-After
                 self._mean_build_s = 0.8 * self._mean_build_s + 0.2 * virtual.build_seconds
             return virtual
@@ -178,6 +182,7 @@ class Merging:
         self._closing.set()
         if self._warm_thread is not None:
             self._warm_thread.join(timeout)
+        self._builders.shutdown(wait=False)
 
     def _build(self, key: VirtualKey, options: MergeOptions) -> VirtualAdapter:
         virtual = self.factory.build(key, options)
@@ -197,6 +202,18 @@ class Merging:
             inputs = self._inputs
             assert inputs is not None
         return [inputs[module][a] for a in adapter_ids]
+
+
+def _lower_priority(nice: int) -> None:
+    """Raise this thread's niceness by `nice` (Linux: niceness is per thread, and threads it
+    starts, such as an OpenMP team, inherit it)."""
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError as exc:  # e.g. a seccomp profile that forbids it: build at normal priority
+        log.warning("merge builder threads keep their priority: %s", exc)
 
 
 def _module_order(name: str) -> tuple:
