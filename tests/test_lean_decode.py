@@ -23,16 +23,21 @@ import torch
 from peft import PeftModel
 
 from adapters.registry import load_adapter
+from app.engine.blend import AUTO_MODEL, blend_for
 from app.engine.blended_lora import BlendBatch, BlendContext, install_blended_layers
 from app.engine.device_slots import DeviceSlots
-from app.engine.kv_pool import SlotPool
+from app.engine.engine import _rounded
+from app.engine.kv_pool import SlotPool, pool_for
 from app.engine.lean_decode import LeanDecoder, unsupported
 from app.engine.scheduler import Scheduler
+from tests import test_kv_demo as kv_demo
 from tests.engine_harness import Harness
 from tests.tiny_archs import make_adapter, tiny_model
 
 ATOL = 1e-4
 LOGPROB_ATOL = 1e-4
+DEMO_LOGPROB_ATOL = 1e-4  # 30 layers, hidden 576: measured max gap in the note
+demo_engine = kv_demo.demo_engine  # the demo model's engine (module scope: loaded once here)
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 CONFIG = dict(num_attention_heads=4, num_key_value_heads=2, head_dim=16)
 VIRTUAL = 2  # the first virtual slot (two adapters before it)
@@ -267,3 +272,40 @@ def test_scheduler_lean_equals_transformers_with_rows_joining_and_leaving(micro_
         torch.testing.assert_close(torch.tensor(lps), torch.tensor(ref_lps), rtol=0,
                                    atol=LOGPROB_ATOL)
     assert len({tuple(ids) for ids, _ in lean_out}) > 3, "mixes must change the outputs"
+
+
+@pytest.mark.slow
+def test_demo_eval_prompts_lean_equals_transformers(demo_engine):
+    """The demo model and zoo: every task's first eval prompt, routed, under its own adapter,
+    under a two-adapter blend and as base, rows joining every step: greedy tokens identical
+    to the transformers decode path, logprobs within DEMO_LOGPROB_ATOL."""
+    engine = demo_engine
+    assert engine.lean is not None, "the demo base (Llama) decodes lean by default"
+    specs = []
+    for task in kv_demo.TASKS:
+        text = kv_demo._eval_prompt(task)
+        routed = _rounded(blend_for(AUTO_MODEL, engine.route(text),
+                                    engine.settings.fallback_adapter),
+                          engine.settings.blend_weight_step)
+        specs += [(text, routed), (text, ((task, 1.0),)),
+                  (text, (("arithmetic", 0.5), ("unit_convert", 0.5))), (text, ())]
+    results = []
+    for lean in (engine.lean, None):
+        h = _scheduler(engine, lean)
+        h.scheduler.pool = pool_for(engine.model, 8, 512)
+        jobs = [h.job(text, blend=blend, max_tokens=12, logprobs=0) for text, blend in specs]
+        for job in jobs:
+            h.add(job)
+            h.scheduler.step()
+        h.run()
+        out = []
+        for job in jobs:
+            events = h.events(job)
+            assert events[-1].finish_reason in ("stop", "length"), events[-1]
+            out.append(([t for e in events for t in e.token_ids],
+                        [lp.logprob for e in events for lp in e.logprobs]))
+        results.append(out)
+    for (ids, lps), (ref_ids, ref_lps), spec in zip(*results, specs, strict=True):
+        assert ids == ref_ids, spec
+        torch.testing.assert_close(torch.tensor(lps), torch.tensor(ref_lps), rtol=0,
+                                   atol=DEMO_LOGPROB_ATOL)
