@@ -13,7 +13,9 @@ decodes one token per row at the same column each time (what a step costs does n
 which token it is). At batch 8 every row of a blend case has its own mix (different adapters
 and weights), as the router gives them. Timed: the KV pool's step bookkeeping and the forward
 (the scheduler's sampling, detokenising and streaming are outside). Prints the median TPOT of
-each and lean / transformers, and the load average before and after.
+each (wall clock) and lean / transformers, the median CPU time of the step's thread (less
+disturbed by other processes on a shared machine), the largest logit gap between the paths,
+and the load average before and after.
 """
 
 from __future__ import annotations
@@ -154,22 +156,27 @@ def main() -> None:
         for case, rows in _mixes(batch).items():
             blend = BlendBatch.from_rows(rows, torch.device("cpu"), torch.float32)
             times: dict[str, list[float]] = {name: [] for name in paths}
+            cpu: dict[str, list[float]] = {name: [] for name in paths}
             outputs = {name: path.step(ids, positions, blend) for name, path in paths.items()}
             gap = float((outputs["lean"] - outputs["transformers"]).abs().max())
             for _ in tqdm(range(args.reps), desc=f"batch {batch} {case}", leave=False):
                 for name, path in paths.items():
-                    started = time.perf_counter()
+                    started, started_cpu = time.perf_counter(), time.thread_time()
                     for _ in range(args.steps):
                         path.step(ids, positions, blend)
                     times[name].append((time.perf_counter() - started) / args.steps)
+                    cpu[name].append((time.thread_time() - started_cpu) / args.steps)
             tpot = {name: statistics.median(t) * 1e3 for name, t in times.items()}
-            results.append((batch, case, tpot["transformers"], tpot["lean"], gap))
+            busy = {name: statistics.median(t) * 1e3 for name, t in cpu.items()}
+            results.append((batch, case, tpot["transformers"], tpot["lean"], busy["transformers"],
+                            busy["lean"], gap))
     print(f"load average after: {os.getloadavg()}")
     print("| batch | case | transformers TPOT (ms) | lean TPOT (ms) | lean / transformers "
-          "| max logit gap |")
-    print("|--:|---|--:|--:|--:|--:|")
-    for batch, case, old, new, gap in results:
-        print(f"| {batch} | {case} | {old:.1f} | {new:.1f} | {new / old:.2f} | {gap:.1e} |")
+          "| CPU ms: transformers / lean (ratio) | max logit gap |")
+    print("|--:|---|--:|--:|--:|--:|--:|")
+    for batch, case, old, new, old_cpu, new_cpu, gap in results:
+        print(f"| {batch} | {case} | {old:.1f} | {new:.1f} | {new / old:.2f} "
+              f"| {old_cpu:.1f} / {new_cpu:.1f} ({new_cpu / old_cpu:.2f}) | {gap:.1e} |")
 
 
 if __name__ == "__main__":

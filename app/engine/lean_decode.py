@@ -243,9 +243,13 @@ class LeanDecoder:
         hi = input_ids.shape[0]
         width = int(lens.max()) + 1
         rows = torch.arange(hi, device=lens.device)
-        # Row b attends to its columns 0..lens[b]; one row alone sees every column.
-        mask = None if hi == 1 else (torch.arange(width, device=lens.device)[None, :]
-                                     <= lens[:, None])[:, None, None, :]
+        # Row b attends to its columns 0..lens[b]; one row alone sees every column. An
+        # additive mask, built once per step (SDPA would convert a boolean one per layer).
+        mask = None
+        if hi > 1:
+            hidden = torch.arange(width, device=lens.device)[None, :] > lens[:, None]
+            mask = torch.zeros(hi, 1, 1, width, dtype=self.embed.dtype, device=lens.device
+                               ).masked_fill_(hidden[:, None, None, :], float("-inf"))
         if positions.max() >= self._cos.shape[0]:
             self._grow_rope(int(positions.max()) + 1)
         cos, sin = self._cos[positions][:, None], self._sin[positions][:, None]  # [hi, 1, d]
@@ -262,8 +266,12 @@ class LeanDecoder:
                 qk = qk * cos + qk.roll(half, dims=-1) * sin  # rotary on q and k at once
                 k = qk[:, self.heads :]
                 v = qkv[:, q_width + kv_width :].view(hi, self.kv_heads, self.head_dim)
-                slot.pool_k[rows, :, lens] = k
-                slot.pool_v[rows, :, lens] = v
+                if hi == 1:  # a plain copy: cheaper than an indexed write
+                    slot.pool_k[0, :, width - 1] = k[0]
+                    slot.pool_v[0, :, width - 1] = v[0]
+                else:
+                    slot.pool_k[rows, :, lens] = k
+                    slot.pool_v[rows, :, lens] = v
                 q = qk[:, : self.heads].reshape(hi, self.kv_heads, groups, self.head_dim)
                 attn = F.scaled_dot_product_attention(
                     q, slot.pool_k[:hi, :, :width], slot.pool_v[:hi, :, :width],
