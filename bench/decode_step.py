@@ -5,6 +5,7 @@ top-3 blend, measured alternately in one run (the machine is shared: compare rat
     python bench/decode_step.py                    # demo base and zoo, 1 torch thread
     python bench/decode_step.py --threads 2 --steps 40 --reps 9
     python bench/decode_step.py --layouts          # GEMM layouts for [rows, 576] x [576, N]
+    python bench/decode_step.py --engine --reps 5  # TPOT through the engine, 1 and 8 clients
 
 Two copies of the base model with the demo adapters in their slots: one as loaded (the
 transformers path, `DYNAMERGE_DECODE_PATH=transformers`), one with the lean forward's fused
@@ -129,6 +130,59 @@ def layouts(rows: tuple[int, ...] = (1, 2, 4, 8, 16), reps: int = 7) -> None:
               f"({statistics.median(b) / statistics.median(a):.2f}x)")
 
 
+def engine_tpot(clients: tuple[int, ...], reps: int, tokens: int) -> None:
+    """TPOT through the engine (scheduler, sampling and detokenising included, no HTTP): two
+    engines, `decode_path` transformers and lean, one request after another (1 client) or
+    `n` at once with different mixes, alternating between the engines."""
+    from app.engine.engine import Engine
+    from app.engine.types import GenerationRequest, SamplingParams
+
+    engines = {}
+    for path in ("transformers", "lean"):
+        engines[path] = Engine(Settings(calibration="off", decode_path=path,
+                                        max_batch_size=max(clients)))
+        engines[path].load(show_progress=False)
+    question = "Explain in a few sentences why the sky is blue."
+    cases = {"base": lambda b: ("base", None),
+             "one adapter": lambda b: (ADAPTERS[b % 6], None),
+             "blend of two": lambda b: ("auto", ((ADAPTERS[b % 6], 0.6 - 0.02 * b),
+                                                 (ADAPTERS[(b + 1) % 6], 0.4 + 0.02 * b)))}
+
+    def run(engine, n: int, case: str) -> float:
+        prompt = engine.render_chat([{"role": "user", "content": question}])
+        streams = []
+        for b in range(n):
+            model, mix = cases[case](b)
+            streams.append(engine.submit(GenerationRequest(
+                prompt=prompt, route_text=question, model=model, mix=mix,
+                sampling=SamplingParams(max_tokens=tokens, temperature=0.0,
+                                        ignore_eos=True))))
+        tpots = []
+        for stream in streams:
+            stamps = [time.perf_counter() for event in stream if event.token_ids]
+            tpots.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
+        return statistics.median(tpots)
+
+    rows = []
+    try:
+        for n in clients:
+            for case in cases:
+                times: dict[str, list[float]] = {name: [] for name in engines}
+                for _ in tqdm(range(reps), desc=f"{n} clients {case}", leave=False):
+                    for name, engine in engines.items():
+                        times[name].append(run(engine, n, case))
+                tpot = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+                rows.append((n, case, tpot["transformers"], tpot["lean"]))
+    finally:
+        for engine in engines.values():
+            engine.shutdown()
+    print(f"load average after: {os.getloadavg()}")
+    print("| clients | case | transformers TPOT (ms) | lean TPOT (ms) | lean / transformers |")
+    print("|--:|---|--:|--:|--:|")
+    for n, case, old, new in rows:
+        print(f"| {n} | {case} | {old:.1f} | {new:.1f} | {new / old:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
@@ -136,11 +190,18 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7, help="alternating timings per case")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (engine: 1)")
     parser.add_argument("--layouts", action="store_true", help="only the GEMM layout check")
+    parser.add_argument("--engine", action="store_true",
+                        help="TPOT through two engines (transformers, lean): --batches are "
+                             "clients at once")
+    parser.add_argument("--tokens", type=int, default=32, help="--engine: tokens per request")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"load average before: {os.getloadavg()}, torch threads {args.threads}")
     if args.layouts:
         layouts()
+        return
+    if args.engine:
+        engine_tpot(tuple(args.batches), args.reps, args.tokens)
         return
     top = max(args.batches)
     paths = {"transformers": _Path(False, top), "lean": _Path(True, top)}
