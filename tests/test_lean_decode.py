@@ -57,11 +57,12 @@ def tiny(tmp_path_factory):
     for adapter_id in ("one", "two"):
         slot, _ = bank.claim("adapter")
         bank.write(slot, load_adapter(root, adapter_id, bank.base_shapes()))
-    # A non-linear merge's virtual slot: factored parts on some layers, dense on others.
+    # A non-linear merge's virtual slot: factored parts on some layers (the LM head too),
+    # dense on others.
     gen = torch.Generator().manual_seed(5)
     for name, layer in layers.items():
         out, inp = layer.out_features, layer.in_features
-        if name.endswith(("q_proj", "v_proj", "up_proj")):
+        if name.endswith(("q_proj", "v_proj", "up_proj", "lm_head")):
             layer.set_side(VIRTUAL, 0.3 * torch.randn(3, inp, generator=gen),
                            0.3 * torch.randn(out, 3, generator=gen))
         elif name.endswith(("k_proj", "down_proj")):

@@ -282,15 +282,14 @@ class LeanDecoder:
                 act = F.silu(gu[:, :inter])
                 act.mul_(gu[:, inter:])
                 x.add_(layer.down(act, blend))
-            if sampled is not None and len(sampled) != hi:
-                head_has_lora = isinstance(self.head, BlendedLoRALinear) and (
-                    self.head.A is not None or self.head.side)
-                if not head_has_lora:  # the head's rows need not match the batch's
-                    x = x[sampled]
-                    return F.linear(_rms_norm(x, self.norm, self.norm_eps),
-                                    _base(self.head).weight)
-            logits = self.head(_rms_norm(x, self.norm, self.norm_eps))
-            return logits if sampled is None else logits[sampled]
+            every = sampled is None or sampled == list(range(hi))
+            if isinstance(self.head, BlendedLoRALinear) and (self.head.A is not None
+                                                             or self.head.side):
+                logits = self.head(_rms_norm(x, self.norm, self.norm_eps))  # rows = batch
+                return logits if every else logits[sampled]
+            if not every:  # the LM head on the sampled rows only
+                x = x[sampled]
+            return F.linear(_rms_norm(x, self.norm, self.norm_eps), _base(self.head).weight)
         finally:
             self.context.batch = None
 
