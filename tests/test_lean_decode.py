@@ -178,6 +178,51 @@ def test_decode_equals_transformers_and_peft_for_ragged_rows_joining_and_leaving
     assert changed >= 20, "the adapters and the virtual slot must change the logits"
 
 
+def test_ragged_rows_prefill_chunks_and_decode_tokens_in_one_forward(tiny):
+    """`forward_rows`: prompt chunks of different lengths (one of them continuing an earlier
+    chunk) and single decode tokens in one forward, each row with its mix: every token's
+    logits within ATOL of the transformers forward of its row alone, no cache."""
+    _, model, _, context, _, lean = tiny
+    config = model.config
+    pool = SlotPool(config.num_hidden_layers, config.num_key_value_heads, CONFIG["head_dim"],
+                    6, 64, torch.float32, torch.device("cpu"))
+    mixes = {0: [(0, 0.6), (1, 0.4)], 2: [(VIRTUAL, 1.0)], 3: [], 5: [(1, 1.0)]}
+    sequences = {slot: _ids(20 + slot, 13) for slot in mixes}
+    done = dict.fromkeys(mixes, 0)  # tokens of each row whose states are in its slot
+    # Forward after forward: (slot, tokens) per row; single tokens are decode steps.
+    plan = [[(0, 5), (2, 1), (3, 7)], [(0, 4), (2, 6), (5, 3), (3, 1)],
+            [(5, 1), (0, 1), (2, 1), (3, 2)], [(3, 1), (5, 8), (0, 3)]]
+    for forward in plan:
+        rows = [(slot, done[slot], n) for slot, n in forward]
+        ids = torch.tensor([t for slot, start, n in rows
+                            for t in sequences[slot][start : start + n]])
+        blend = BlendBatch.from_rows([mixes[slot] for slot, _, _ in rows],
+                                     torch.device("cpu"), torch.float32)
+        logits = lean.forward_rows(ids, pool.layers, rows, blend)
+        t = 0
+        for slot, start, n in rows:
+            context.batch = BlendBatch.from_rows([mixes[slot]], torch.device("cpu"),
+                                                 torch.float32)
+            try:
+                with torch.no_grad():
+                    full = model(input_ids=torch.tensor([sequences[slot][: start + n]])
+                                 ).logits[0, start:]
+            finally:
+                context.batch = None
+            torch.testing.assert_close(logits[t : t + n], full, atol=ATOL, rtol=0)
+            done[slot] += n
+            t += n
+    # The last tokens only (what a prefill samples), the head's LoRA included.
+    rows = [(2, done[2], 2), (3, done[3], 1)]
+    ids = torch.tensor(sequences[2][done[2] : done[2] + 2] + sequences[3][done[3] : done[3]
+                                                                          + 1])
+    blend = BlendBatch.from_rows([mixes[2], mixes[3]], torch.device("cpu"), torch.float32)
+    last = lean.forward_rows(ids, pool.layers, rows, blend, sampled=[1, 2])
+    for i, (slot, start, n) in enumerate(rows):
+        expected = _full_logits(model, context, mixes[slot], sequences[slot][: start + n])
+        torch.testing.assert_close(last[i], expected, atol=ATOL, rtol=0)
+
+
 def test_one_row_alone_needs_no_mask(tiny):
     _, model, _, context, _, lean = tiny
     rows = _Rows(model, context, lean)

@@ -93,27 +93,32 @@ class _Group:
         self.out_features = start
         self.key = ("lean", id(self))
 
-    def __call__(self, x: torch.Tensor, batch: BlendBatch | None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, batch: BlendBatch | None,
+                 token_rows: torch.Tensor | None) -> torch.Tensor:
         y = torch.mm(x, self.weight)
         if batch is not None and self.members:
-            self._add_lora(x, y, batch)
+            self._add_lora(x, y, batch, token_rows)
         return y
 
-    def _add_lora(self, x: torch.Tensor, y: torch.Tensor, batch: BlendBatch) -> None:
-        """y[t] += sum_u mix[t, u] * B_u (A_u x[t]) for every member, as ONE A-product and
-        one B-product over the group (B block-diagonal: a member's ranks write its columns)."""
+    def _add_lora(self, x: torch.Tensor, y: torch.Tensor, batch: BlendBatch,
+                  token_rows: torch.Tensor | None) -> None:
+        """y[t] += sum_u mix[row(t), u] * B_u (A_u x[t]) for every member, as ONE A-product
+        and one B-product over the group (B block-diagonal: a member's ranks write its
+        columns). `token_rows`: each token's row of the batch (None: one token per row)."""
         memo = batch.memo.get(self.key)
         if memo is None:
             memo = batch.memo[self.key] = self._gather(batch)
         a, bt, scale, dense = memo
         if a is not None:
             h = torch.mm(x, a)  # [tokens, R]
-            h.mul_(scale)
+            h.mul_(scale if token_rows is None else scale.index_select(0, token_rows))
             y.addmm_(h, bt)
+        if dense:
+            mix = batch.mix if token_rows is None else batch.mix.index_select(0, token_rows)
         for u, delta, start, stop in dense:  # a non-linear merge's dense virtual slot
-            rows = batch.mix[:, u].nonzero().flatten()
+            rows = mix[:, u].nonzero().flatten()  # only the tokens that use it pay for it
             part = torch.mm(x.index_select(0, rows), delta.t())  # [n, out_m]
-            part.mul_(batch.mix.index_select(0, rows)[:, u, None])
+            part.mul_(mix.index_select(0, rows)[:, u, None])
             y[:, start:stop].index_add_(0, rows, part)
 
     def _gather(self, batch: BlendBatch) -> tuple[torch.Tensor | None, torch.Tensor | None,
@@ -250,43 +255,121 @@ class LeanDecoder:
             hidden = torch.arange(width, device=lens.device)[None, :] > lens[:, None]
             mask = torch.zeros(hi, 1, 1, width, dtype=self.embed.dtype, device=lens.device
                                ).masked_fill_(hidden[:, None, None, :], float("-inf"))
-        if positions.max() >= self._cos.shape[0]:
+        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
+        groups = heads // kv_heads
+
+        def attend(slot, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            if hi == 1:  # a plain copy: cheaper than an indexed write
+                slot.pool_k[0, :, width - 1] = k[0]
+                slot.pool_v[0, :, width - 1] = v[0]
+            else:
+                slot.pool_k[rows, :, lens] = k
+                slot.pool_v[rows, :, lens] = v
+            # GQA packed as transformers' `pack_gqa`: each KV head's query heads as rows.
+            out = F.scaled_dot_product_attention(
+                q.reshape(hi, kv_heads, groups, dim), slot.pool_k[:hi, :, :width],
+                slot.pool_v[:hi, :, :width], attn_mask=mask, scale=self.scaling)
+            return out.reshape(hi, heads * dim)
+
+        return self._run(input_ids, positions, pool_layers, blend, None, attend, sampled)
+
+    @torch.inference_mode()
+    def forward_rows(
+        self,
+        input_ids: torch.Tensor,
+        pool_layers: list,
+        rows: list[tuple[int, int, int]],
+        blend: BlendBatch | None,
+        sampled: list[int] | None = None,
+    ) -> torch.Tensor:
+        """Ragged rows: each row a chunk of tokens at its own positions, against its slot.
+
+        Row r is `(slot, start, n)`: its n tokens (consecutive in `input_ids`, rows in
+        order) sit at positions and columns start..start+n-1 of its slot, whose columns
+        0..start-1 already hold its states; they attend to those and causally to each other,
+        and their states are written into the slot. A prompt chunk and a decode token
+        (n = 1) are the same thing here, so joining rows' prefill could share a decode step.
+        The caller keeps the pool's bookkeeping (`lens`).
+
+        Args:
+            input_ids: [tokens] long, the rows' chunks one after another.
+            blend: one mix per row (None: base for every row).
+            sampled: tokens (indices into input_ids) whose logits are wanted (None: all).
+
+        Returns: logits [len(sampled), vocab].
+        """
+        device = input_ids.device
+        positions = torch.cat([torch.arange(start, start + n, device=device)
+                               for _, start, n in rows])
+        token_rows = torch.cat([torch.full((n,), r, dtype=torch.long, device=device)
+                                for r, (_, _, n) in enumerate(rows)])
+        spans, t0 = [], 0
+        for slot_index, start, n in rows:
+            mask = None
+            if n > 1:  # causal within the chunk, the whole prefix before it
+                cols = torch.arange(start + n, device=device)
+                keep = cols[None, :] <= torch.arange(start, start + n, device=device)[:, None]
+                mask = torch.zeros(n, start + n, dtype=self.embed.dtype, device=device
+                                   ).masked_fill_(~keep, float("-inf"))
+            spans.append((slot_index, start, n, t0, mask))
+            t0 += n
+        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
+
+        def attend(slot, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            out = torch.empty(q.shape[0], heads * dim, dtype=q.dtype, device=q.device)
+            for s, start, n, t, mask in spans:
+                slot.pool_k[s, :, start : start + n] = k[t : t + n].transpose(0, 1)
+                slot.pool_v[s, :, start : start + n] = v[t : t + n].transpose(0, 1)
+                o = F.scaled_dot_product_attention(
+                    q[t : t + n].transpose(0, 1)[None], slot.pool_k[s : s + 1, :, : start + n],
+                    slot.pool_v[s : s + 1, :, : start + n], attn_mask=mask,
+                    scale=self.scaling, enable_gqa=heads != kv_heads)  # [1, heads, n, dim]
+                out[t : t + n] = o[0].transpose(0, 1).reshape(n, heads * dim)
+            return out
+
+        return self._run(input_ids, positions, pool_layers, blend, token_rows, attend,
+                         sampled)
+
+    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, pool_layers: list,
+             blend: BlendBatch | None, token_rows: torch.Tensor | None, attend,
+             sampled: list[int] | None) -> torch.Tensor:
+        """The layers over tokens [N, hidden]; `attend(pool layer, q [N, heads, dim],
+        k, v [N, kv heads, dim])` writes the states and returns [N, heads * dim]."""
+        n = input_ids.shape[0]
+        if int(positions.max()) >= self._cos.shape[0]:
             self._grow_rope(int(positions.max()) + 1)
-        cos, sin = self._cos[positions][:, None], self._sin[positions][:, None]  # [hi, 1, d]
+        cos, sin = self._cos[positions][:, None], self._sin[positions][:, None]  # [N, 1, d]
         q_width, kv_width, half = self.q_width, self.kv_width, self.head_dim // 2
-        qk_heads, groups = self.heads + self.kv_heads, self.heads // self.kv_heads
-        inter = self.intermediate
-        x = F.embedding(input_ids, self.embed)  # [hi, hidden]
+        qk_heads, inter = self.heads + self.kv_heads, self.intermediate
+        x = F.embedding(input_ids, self.embed)  # [N, hidden]
         self.context.batch = blend
         try:
             for layer, slot in zip(self.layers, pool_layers, strict=True):
                 h = _rms_norm(x, layer.norm1, layer.eps1)
-                qkv = layer.qkv(h, blend)  # [hi, q + k + v]
-                qk = qkv[:, : q_width + kv_width].view(hi, qk_heads, self.head_dim)
+                qkv = layer.qkv(h, blend, token_rows)  # [N, q + k + v]
+                qk = qkv[:, : q_width + kv_width].view(n, qk_heads, self.head_dim)
                 qk = qk * cos + qk.roll(half, dims=-1) * sin  # rotary on q and k at once
-                k = qk[:, self.heads :]
-                v = qkv[:, q_width + kv_width :].view(hi, self.kv_heads, self.head_dim)
-                if hi == 1:  # a plain copy: cheaper than an indexed write
-                    slot.pool_k[0, :, width - 1] = k[0]
-                    slot.pool_v[0, :, width - 1] = v[0]
-                else:
-                    slot.pool_k[rows, :, lens] = k
-                    slot.pool_v[rows, :, lens] = v
-                q = qk[:, : self.heads].reshape(hi, self.kv_heads, groups, self.head_dim)
-                attn = F.scaled_dot_product_attention(
-                    q, slot.pool_k[:hi, :, :width], slot.pool_v[:hi, :, :width],
-                    attn_mask=mask, scale=self.scaling)  # [hi, kv heads, groups, d]
-                x.add_(layer.o(attn.reshape(hi, q_width), blend))
+                v = qkv[:, q_width + kv_width :].view(n, self.kv_heads, self.head_dim)
+                attn = attend(slot, qk[:, : self.heads], qk[:, self.heads :], v)
+                x.add_(layer.o(attn, blend, token_rows))
                 h = _rms_norm(x, layer.norm2, layer.eps2)
-                gu = layer.gate_up(h, blend)  # [hi, 2 * intermediate]
+                gu = layer.gate_up(h, blend, token_rows)  # [N, 2 * intermediate]
                 act = F.silu(gu[:, :inter])
                 act.mul_(gu[:, inter:])
-                x.add_(layer.down(act, blend))
-            every = sampled is None or sampled == list(range(hi))
-            if isinstance(self.head, BlendedLoRALinear) and (self.head.A is not None
-                                                             or self.head.side):
-                logits = self.head(_rms_norm(x, self.norm, self.norm_eps))  # rows = batch
-                return logits if every else logits[sampled]
+                x.add_(layer.down(act, blend, token_rows))
+            every = sampled is None or sampled == list(range(n))
+            if blend is not None and isinstance(self.head, BlendedLoRALinear) and (
+                    self.head.A is not None or self.head.side):
+                if token_rows is None:  # the head's rows are the batch's
+                    logits = self.head(_rms_norm(x, self.norm, self.norm_eps))
+                    return logits if every else logits[sampled]
+                # Ragged rows: the sampled tokens as the rows of a batch of their own mixes.
+                chosen = torch.arange(n) if sampled is None else torch.tensor(sampled)
+                chosen = chosen.to(x.device)
+                self.context.batch = BlendBatch(blend.used, blend.used_slots, blend.mix
+                                                .index_select(0, token_rows[chosen]))
+                return self.head(_rms_norm(x.index_select(0, chosen), self.norm,
+                                           self.norm_eps))
             if not every:  # the LM head on the sampled rows only
                 x = x[sampled]
             return F.linear(_rms_norm(x, self.norm, self.norm_eps), _base(self.head).weight)
