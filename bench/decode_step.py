@@ -6,6 +6,7 @@ top-3 blend, measured alternately in one run (the machine is shared: compare rat
     python bench/decode_step.py --threads 2 --steps 40 --reps 9
     python bench/decode_step.py --layouts          # GEMM layouts for [rows, 576] x [576, N]
     python bench/decode_step.py --engine --reps 5  # TPOT through the engine, 1 and 8 clients
+    python bench/decode_step.py --join 7 128       # a joining prompt inside the decode forward
 
 Two copies of the base model with the demo adapters in their slots: one as loaded (the
 transformers path, `DYNAMERGE_DECODE_PATH=transformers`), one with the lean forward's fused
@@ -183,6 +184,55 @@ def engine_tpot(clients: tuple[int, ...], reps: int, tokens: int) -> None:
         print(f"| {n} | {case} | {old:.1f} | {new:.1f} | {new / old:.2f} |")
 
 
+def join_cost(decoding: int, chunk: int, steps: int, reps: int) -> None:
+    """A row joining while `decoding` rows decode, on the lean path: today's two forwards (the
+    decode step, then the joining prompt's prefill by transformers) against one ragged
+    forward (`LeanDecoder.forward_rows`: the decode tokens and the prompt chunk together)."""
+    path = _Path(True, decoding + 1)
+    assert path.lean is not None
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 49000, (100 + 10 * b,), generator=gen).tolist()
+               for b in range(decoding)]
+    path.fill(prompts)
+    joining = torch.randint(3, 49000, (chunk,), generator=gen)
+    mixes = _mixes(decoding + 1)["blend of two"]
+    ids = torch.tensor([p[-1] for p in prompts])
+    positions = torch.tensor([len(p) for p in prompts])
+    lens = positions.clone()
+    decode_blend = BlendBatch.from_rows(mixes[:decoding], torch.device("cpu"), torch.float32)
+    join_blend = BlendBatch.from_rows(mixes[decoding:], torch.device("cpu"), torch.float32)
+    all_blend = BlendBatch.from_rows(mixes, torch.device("cpu"), torch.float32)
+    rows = [(b, len(p), 1) for b, p in enumerate(prompts)] + [(decoding, 0, chunk)]
+    ragged_ids = torch.cat([ids, joining])
+    sampled = [*range(decoding), decoding + chunk - 1]
+
+    @torch.inference_mode()
+    def two_forwards() -> None:
+        path.lean.decode(ids, positions, path.pool.layers, lens, decode_blend)
+        path.context.batch = join_blend
+        try:
+            path.model(input_ids=joining[None], use_cache=True, logits_to_keep=1)
+        finally:
+            path.context.batch = None
+
+    def one_forward() -> None:
+        path.lean.forward_rows(ragged_ids, path.pool.layers, rows, all_blend, sampled)
+
+    times: dict[str, list[float]] = {"decode + prefill": [], "one ragged forward": []}
+    for _ in tqdm(range(reps), desc="join", leave=False):
+        for name, run in (("decode + prefill", two_forwards), ("one ragged forward",
+                                                               one_forward)):
+            started = time.perf_counter()
+            for _ in range(steps):
+                run()
+            times[name].append((time.perf_counter() - started) / steps)
+    print(f"load average after: {os.getloadavg()}")
+    median = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    print(f"{decoding} rows decoding, one joining with a {chunk}-token prompt (lean, blends of "
+          "two): " + ", ".join(f"{k} {v:.1f} ms" for k, v in median.items())
+          + f"; one / two = {median['one ragged forward'] / median['decode + prefill']:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
@@ -194,11 +244,17 @@ def main() -> None:
                         help="TPOT through two engines (transformers, lean): --batches are "
                              "clients at once")
     parser.add_argument("--tokens", type=int, default=32, help="--engine: tokens per request")
+    parser.add_argument("--join", type=int, nargs=2, metavar=("ROWS", "CHUNK"),
+                        help="a row joining ROWS decoding ones with a CHUNK-token prompt: two "
+                             "forwards against one ragged forward")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"load average before: {os.getloadavg()}, torch threads {args.threads}")
     if args.layouts:
         layouts()
+        return
+    if args.join:
+        join_cost(args.join[0], args.join[1], args.steps, args.reps)
         return
     if args.engine:
         engine_tpot(tuple(args.batches), args.reps, args.tokens)
