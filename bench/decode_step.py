@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import threading
 import time
 
 import torch
@@ -158,10 +159,17 @@ def engine_tpot(clients: tuple[int, ...], reps: int, tokens: int) -> None:
                 prompt=prompt, route_text=question, model=model, mix=mix,
                 sampling=SamplingParams(max_tokens=tokens, temperature=0.0,
                                         ignore_eos=True))))
-        tpots = []
-        for stream in streams:
+        tpots: list[float] = []
+
+        def read(stream) -> None:  # one reader per stream: stamps when tokens arrive
             stamps = [time.perf_counter() for event in stream if event.token_ids]
             tpots.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
+
+        readers = [threading.Thread(target=read, args=(stream,)) for stream in streams]
+        for reader in readers:
+            reader.start()
+        for reader in readers:
+            reader.join()
         return statistics.median(tpots)
 
     rows = []
