@@ -1,4 +1,5 @@
-"""A lean decode forward for the Llama family, exact to the transformers forward.
+"""A lean decode forward for the Llama family, exact to the transformers forward (to fp32
+summation order: logits within 1e-4, tests/test_lean_decode.py).
 
 A decode step of the demo model (30 layers, hidden 576) is a chain of GEMVs on small
 activations: what costs beside the weights' bytes is the Python and dispatch overhead of
@@ -6,8 +7,9 @@ transformers' modules (norm, rotary, cache update, mask handling, one call per l
 and the weight layout. This forward runs the same maths with:
 
 - q/k/v and gate/up fused into one matmul each, every weight stored once as `[in, out]`
-  (contiguous): `x @ W` with that layout is what torch's CPU GEMM runs best for 1-16 rows
-  here (bench/decode_step.py `--layouts`; ~2x faster than `F.linear` on `[out, in]` at 8 rows).
+  (contiguous): `x @ W` with that layout is what torch's CPU GEMM (MKL) runs best here for
+  4-16 rows, as fast for one (bench/decode_step.py `--layouts`: 0.75-0.89x `F.linear` on
+  `[out, in]` at 4-16 rows; docs/benchmarks.md, "Decode step").
   The model's own `nn.Linear` weights become views (`W.t()`) into the fused tensors, so
   memory is not doubled and the transformers forward (prefill, other tools) still runs on
   them;
@@ -18,6 +20,9 @@ and the weight layout. This forward runs the same maths with:
 - the new token's keys and values written straight into the KV pool's slot, attention by SDPA
   over each row's valid prefix (rows are left-aligned in their slots; GQA packed like
   transformers' `pack_gqa`: one query row per grouped head, no `repeat_kv`);
+- ragged rows (`forward_rows`): each row a chunk of tokens at its own positions against its
+  own slot, so that a joining prompt's chunk could share a decode step (not wired into the
+  scheduler yet: prefill keeps transformers' forward and its per-row cache);
 - rotary from a table of the model's own `rotary_emb` (so its rope type's maths), the LM head
   only on the rows sampled, no hooks and no per-layer lookups.
 
@@ -28,7 +33,6 @@ says why, once at load.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import torch
@@ -36,8 +40,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from app.engine.blended_lora import BlendBatch, BlendContext, BlendedLoRALinear
-
-log = logging.getLogger(__name__)
 
 ARCHITECTURES = ("LlamaForCausalLM",)
 _STATIC_ROPE = ("default", "linear", "llama3")  # position-only tables (no length-dependent)
