@@ -154,7 +154,8 @@ class Settings(BaseSettings):
     decode_path: Literal["auto", "lean", "transformers"] = "auto"
     """Forward of decode steps: `lean` (fused projections, exact; Llama-family models only,
     app/engine/lean_decode.py), `transformers` (the model's own forward), or `auto`: lean
-    where the model is supported, transformers otherwise (the choice is logged at start-up).
+    where the model is supported and the device is the CPU (where it is measured and
+    tested), transformers otherwise (the choice is logged at start-up).
     `lean` on an unsupported model fails the start-up with the reason."""
     kv_pool_bytes: int | None = Field(default=None, ge=0)
     """Bytes of the KV pool: one slot of the model's whole context per running row, so

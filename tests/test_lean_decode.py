@@ -26,7 +26,7 @@ from adapters.registry import load_adapter
 from app.engine.blend import AUTO_MODEL, blend_for
 from app.engine.blended_lora import BlendBatch, BlendContext, install_blended_layers
 from app.engine.device_slots import DeviceSlots
-from app.engine.engine import _rounded
+from app.engine.engine import Engine, _rounded
 from app.engine.kv_pool import SlotPool, pool_for
 from app.engine.lean_decode import LeanDecoder, unsupported
 from app.engine.scheduler import Scheduler
@@ -355,3 +355,21 @@ def test_demo_eval_prompts_lean_equals_transformers(demo_engine):
         assert ids == ref_ids, spec
         torch.testing.assert_close(torch.tensor(lps), torch.tensor(ref_lps), rtol=0,
                                    atol=DEMO_LOGPROB_ATOL)
+
+
+@pytest.mark.parametrize(("path", "model_type", "device", "lean"), [
+    ("auto", "llama", "cpu", True), ("auto", "qwen2", "cpu", False),
+    ("auto", "llama", "cuda", False), ("transformers", "llama", "cpu", False),
+    ("lean", "llama", "cpu", True), ("lean", "qwen2", "cpu", None),
+])
+def test_decode_path_setting(micro_settings, path, model_type, device, lean):
+    """DYNAMERGE_DECODE_PATH: auto takes the lean path for a supported model on CPU; lean
+    on an unsupported model fails the start-up with the reason (None: raises)."""
+    engine = Engine(micro_settings.model_copy(update={"decode_path": path}))
+    engine.model, engine.context = tiny_model(model_type), BlendContext()
+    engine.device = torch.device(device)  # only read here; nothing runs on it
+    if lean is None:
+        with pytest.raises(ValueError, match="architecture"):
+            engine._lean_decoder()
+    else:
+        assert (engine._lean_decoder() is not None) is lean

@@ -126,6 +126,9 @@ class Engine:
         """The lean decode forward where `decode_path` asks for it and the model allows it."""
         path = self.settings.decode_path
         reason = None if path == "transformers" else unsupported(self.model)
+        if path == "auto" and reason is None and self.device.type != "cpu":
+            # Measured and tested on CPU only: a GPU takes it when asked (`lean`).
+            reason = f"auto on {self.device.type}: the lean path is checked on CPU only"
         if path == "lean" and reason is not None:
             raise ValueError(f"DYNAMERGE_DECODE_PATH=lean, but the model has {reason}")
         if path == "transformers" or reason is not None:
