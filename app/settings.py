@@ -154,6 +154,12 @@ class Settings(BaseSettings):
     """torch threads for prefill forwards (compute-bound, unlike decoding); unset: the same as
     `torch_threads`. More than `torch_threads` lends the cores that routing and HTTP use to
     prefill, which pays only while those are idle."""
+    decode_path: Literal["auto", "lean", "transformers"] = "auto"
+    """Forward of decode steps: `lean` (fused projections, exact; Llama-family models only,
+    app/engine/lean_decode.py), `transformers` (the model's own forward), or `auto`: lean
+    where the model is supported and the device is the CPU (where it is measured and
+    tested), transformers otherwise (the choice is logged at start-up).
+    `lean` on an unsupported model fails the start-up with the reason."""
     kv_pool_bytes: int | None = Field(default=None, ge=0)
     """Bytes of the KV pool: one slot of the model's whole context per running row, so
     `max_batch_size` rows need `max_batch_size * context * bytes_per_token`. Unset: that, or

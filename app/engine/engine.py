@@ -36,6 +36,7 @@ from app.engine.calibration import resolve as resolve_routing
 from app.engine.calibration import settings_options
 from app.engine.device_slots import DeviceSlots
 from app.engine.kv_pool import pool_for
+from app.engine.lean_decode import LeanDecoder, unsupported
 from app.engine.merging import Merging, task_inputs_collector
 from app.engine.prefix_cache import PrefixCache
 from app.engine.protocol import AdapterInfo, EngineStats, Health, RefusedAdapter
@@ -84,6 +85,7 @@ class Engine:
         layers = install_blended_layers(self.model, s.lora_target_modules, self.context,
                                         s.max_adapters + s.max_virtual_adapters)
         self.layers = layers
+        self.lean = self._lean_decoder()
         self.slots = DeviceSlots(layers, s.max_adapters, s.max_virtual_adapters)
         self._load_tiers(show_progress)
         self.merging = Merging(s, HostAdapters(self.store, self.host.get), layers,
@@ -108,7 +110,7 @@ class Engine:
         self.scheduler = Scheduler(
             self.model, self.context, self.tokenizer, self.eos_ids, self.model_lock,
             s.max_batch_size, s.max_step_tokens, self._release, self._constraint_for,
-            s.prefill_threads, self.kv_pool, self.prefix_cache,
+            s.prefill_threads, self.kv_pool, self.prefix_cache, self.lean,
         )
         self._worker = threading.Thread(target=self._work, name="dynamerge-engine", daemon=True)
         self._worker.start()
@@ -119,6 +121,21 @@ class Engine:
             self.merging.warm_task_inputs()
         log.info("engine ready: %d adapters in the store (%d refused), %d device slots, on %s",
                  len(self.store), len(self.store.refused), s.max_adapters, self.device)
+
+    def _lean_decoder(self) -> LeanDecoder | None:
+        """The lean decode forward where `decode_path` asks for it and the model allows it."""
+        path = self.settings.decode_path
+        reason = None if path == "transformers" else unsupported(self.model)
+        if path == "auto" and reason is None and self.device.type != "cpu":
+            # Measured and tested on CPU only: a GPU takes it when asked (`lean`).
+            reason = f"auto on {self.device.type}: the lean path is checked on CPU only"
+        if path == "lean" and reason is not None:
+            raise ValueError(f"DYNAMERGE_DECODE_PATH=lean, but the model has {reason}")
+        if path == "transformers" or reason is not None:
+            log.info("decode path: transformers (%s)", reason or "DYNAMERGE_DECODE_PATH")
+            return None
+        log.info("decode path: lean (fused projections, app/engine/lean_decode.py)")
+        return LeanDecoder(self.model, self.context)
 
     def _kv_slots(self, token_bytes: int) -> int:
         """Rows the KV pool holds: `kv_pool_bytes` (or 40% of the available memory) in slots

@@ -129,10 +129,12 @@ class SlotPool:
         return [(layer.pool_k[slot, :, :tokens], layer.pool_v[slot, :, :tokens])
                 for layer in self.layers]
 
-    def begin_decode(self, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def begin_decode(self, hi: int, views: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Prepare a decode step over slots `0..hi-1`; returns its attention mask
         `[hi, width+1]` and the column each row's new token goes to. Free slots attend to
-        one stale column so that no row is fully masked; their outputs are ignored."""
+        one stale column so that no row is fully masked; their outputs are ignored.
+        `views`: set the layers' cache views for transformers' forward (the lean forward
+        reads the buffers itself)."""
         lens = torch.tensor(self.lens[:hi], device=self.device)
         width = int(lens.max())
         for slot in range(hi):
@@ -143,8 +145,9 @@ class SlotPool:
                 self._clean[slot] = width + 1
         cols = torch.arange(width + 1, device=self.device)
         mask = (cols[None, :] <= lens[:, None]).long()
-        for layer in self.layers:
-            layer.begin(hi, width, lens)
+        if views:
+            for layer in self.layers:
+                layer.begin(hi, width, lens)
         return mask, lens
 
     def end_decode(self, hi: int) -> None:

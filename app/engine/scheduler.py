@@ -38,6 +38,7 @@ from app.engine.batch_cache import RowCache, split_rows, stack_rows
 from app.engine.blended_lora import BlendBatch, BlendContext
 from app.engine.decoding import ConstraintFactory, Sequence
 from app.engine.kv_pool import SlotPool, decode_attention_mask, pool_for
+from app.engine.lean_decode import LeanDecoder
 from app.engine.prefix_cache import PrefixCache, blend_key
 from app.engine.stream import GenerationStream
 from app.engine.types import (
@@ -109,6 +110,7 @@ class Scheduler:
         pool: the KV slots of running rows (None: `max_batch_size` slots of the model's
             context).
         prefix_cache: prompt states kept for reuse (None: no prefix caching).
+        lean: the lean decode forward (None: decode steps run transformers' forward).
     """
 
     def __init__(
@@ -125,6 +127,7 @@ class Scheduler:
         prefill_threads: int | None = None,
         pool: SlotPool | None = None,
         prefix_cache: PrefixCache | None = None,
+        lean: LeanDecoder | None = None,
     ) -> None:
         self.model = model
         self.context = context
@@ -146,6 +149,7 @@ class Scheduler:
         self.prefix = prefix_cache if prefix_cache is not None else PrefixCache(0)
         self._blend: BlendBatch | None = None
         self._blend_stale = True
+        self.lean = lean
 
     # --- the loop -------------------------------------------------------------------------
     def run(self, jobs: queue.Queue) -> None:
@@ -205,16 +209,21 @@ class Scheduler:
                 [r.job.rows if r is not None else [] for r in by_slot], self.device, self.dtype
             )
             self._blend_stale = False
-        last = torch.tensor([[r.sequence.last_token if r is not None else self.pad_id]
+        last = torch.tensor([r.sequence.last_token if r is not None else self.pad_id
                              for r in by_slot], device=self.device)
         # The input token sits at position (sequence length - 1) of its own row.
-        positions = torch.tensor([[r.sequence.length - 1 if r is not None else 0]
+        positions = torch.tensor([r.sequence.length - 1 if r is not None else 0
                                   for r in by_slot], device=self.device)
-        mask, lens = self.pool.begin_decode(hi)
-        mask = decode_attention_mask(self.model.config, mask, lens)
+        sampled = [r.slot for r in self.running]  # type: ignore[misc]
         try:
-            logits = self._forward(last, mask, positions, self.pool.cache, self._blend,
-                                   "decode")
+            if self.lean is not None:
+                _, lens = self.pool.begin_decode(hi, views=False)
+                logits = self._lean_decode(last, positions, lens, sampled)
+            else:
+                mask, lens = self.pool.begin_decode(hi)
+                mask = decode_attention_mask(self.model.config, mask, lens)
+                logits = self._forward(last[:, None], mask, positions[:, None],
+                                       self.pool.cache, self._blend, "decode")[sampled]
         except Exception as exc:
             log.exception("decode step failed; failing its %d rows", len(self.running))
             failed, self.running = self.running, []
@@ -224,7 +233,6 @@ class Scheduler:
             return
         self.pool.end_decode(hi)
         metrics.BATCH_SIZE.observe(len(self.running))
-        logits = logits[[r.slot for r in self.running]]
         greedy = _batch_argmax(self.running, logits)
         keep, leaving = [], []
         for b, active in enumerate(self.running):
@@ -488,6 +496,21 @@ class Scheduler:
             finally:
                 self.context.batch = None
         return out.logits if every_position else out.logits[:, -1]
+
+    @torch.inference_mode()
+    def _lean_decode(self, last: torch.Tensor, positions: torch.Tensor, lens: torch.Tensor,
+                     sampled: list[int]) -> torch.Tensor:
+        """A decode step by the lean forward: the sampled rows' logits [rows, vocab]."""
+        assert self.lean is not None
+        with self.model_lock:
+            started = time.perf_counter()
+            logits = self.lean.decode(last, positions, self.pool.layers, lens, self._blend,
+                                      sampled)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            metrics.FORWARD_SECONDS.labels(phase="decode").observe(time.perf_counter()
+                                                                   - started)
+        return logits
 
     # --- leaving --------------------------------------------------------------------------
     def _finish(
