@@ -95,7 +95,10 @@ def test_health_answers_while_loading_and_ready_only_after(server: LiveServer) -
         assert http.get("/health").json() == {"status": "ok"}
 
 
-def test_overload_is_429(server: LiveServer) -> None:
+def test_overload_is_429(server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Paced steps keep the long stream running (>= 240 x 20 ms) while the test acts, however
+    # fast the decode path is.
+    _StepLedger(server.app.state.engine, monkeypatch, pause_s=0.02)
     stream = _Stream(server)
     try:
         assert stream.first.wait(30)
