@@ -71,10 +71,12 @@ def test_parallel_acompletion_matches_sequential(url: str, micro_engine: Engine)
 
 def test_errors_map_to_litellm_exceptions(url: str, micro_engine: Engine,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(litellm.BadRequestError):  # 400: max_tokens must be >= 1 on chat
+    with pytest.raises(litellm.BadRequestError) as bad:  # the server's 400: chat needs >= 1
         litellm.completion(messages=QUESTION, **_kwargs(url, max_tokens=0))
-    with pytest.raises(litellm.NotFoundError):  # 404
+    assert bad.value.status_code == 400 and "max_tokens" in str(bad.value)
+    with pytest.raises(litellm.NotFoundError) as missing:
         litellm.completion(messages=QUESTION, **_kwargs(url, "no-such-adapter"))
+    assert missing.value.status_code == 404 and "does not exist" in str(missing.value)
 
     # 409, an adapter in the store that was refused (as a DoRA one is): litellm has no class
     # for it and raises its generic APIError, keeping the status and the server's message
