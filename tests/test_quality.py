@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from adapters.fingerprint import zoo_fingerprint
 from app.engine.engine import Engine
 from bench.quality import main
 from bench.quality_lib import QualityTable, check_targets
@@ -78,6 +79,9 @@ def test_benchmark_on_the_micro_zoo(micro_engine: Engine, tmp_path: Path) -> Non
     for label in labels:
         assert label in text
     assert "python -m bench.quality --zoo micro --limit 2" in text
+    store = micro_engine.settings.adapter_store
+    assert f"zoo fingerprint `{zoo_fingerprint(store)}`" in text  # the measured store's
+    assert zoo_fingerprint(store) != zoo_fingerprint()  # not the demo zoo's
     assert plot.stat().st_size > 0
     routing = result.routing
     assert routing is not None and sum(map(sum, (r.values() for r in
