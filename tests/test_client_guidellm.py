@@ -3,7 +3,8 @@ server on loopback: a short bounded run (synthetic prompts, a handful of request
 report must show only successful requests with the token counts that were asked for.
 
 guidellm is not in the lock (.ci/constraints.txt): every release (0.3 to 0.8.1) pins click
-below 8.5 (0.8.1: click~=8.4.0) while the lock pins click==8.5.1. The test skips without it.
+below 8.5 (0.8.1: click~=8.4.0) while the lock pins click==8.5.1. It skips without guidellm;
+the `clients` extra installs it (outside the lock).
 """
 
 from __future__ import annotations

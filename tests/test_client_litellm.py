@@ -4,7 +4,8 @@ server's error statuses (400, 404, 409, 429, 503) onto its exception classes.
 
 litellm is not in the lock (.ci/constraints.txt): every release that accepts the lock's
 openai 3, filelock 4 and huggingface-hub 2 (1.110.x) requires boto3, whose botocore needs
-python-dateutil<3 while the lock pins python-dateutil==4.0.0. The test skips without it.
+python-dateutil<3 while the lock pins python-dateutil==4.0.0. It skips without litellm; the
+`clients` extra installs it (outside the lock).
 """
 
 from __future__ import annotations
