@@ -36,6 +36,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 from tqdm.auto import tqdm
 
+from adapters.fingerprint import FINGERPRINT_LABEL, zoo_fingerprint
 from adapters.merge import MERGE_METHODS, CacheStats, get_merge_method
 from adapters.virtual import SetContributions
 from adapters.zoo.tasks import answers_match
@@ -359,7 +360,8 @@ def main(argv: Sequence[str] | None = None) -> MergeReport:
         finally:
             engine.shutdown()
     print(f"# python -m bench.merge_fidelity {' '.join(sys.argv[1:] if argv is None else argv)}")
-    print(f"zoo={args.zoo}, device={engine.device}, dtype={engine.dtype}, "
+    print(f"zoo={args.zoo} ({FINGERPRINT_LABEL} `{zoo_fingerprint(store)}`), "
+          f"device={engine.device}, dtype={engine.dtype}, "
           f"{engine.threads} torch threads, {len(tasks)} adapters, "
           f"{len(engine.layers)} blended modules; "
           f"TE exemplar activations collected once in {collect_s:.2f} s")

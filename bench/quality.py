@@ -28,6 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+from adapters.fingerprint import FINGERPRINT_LABEL, zoo_fingerprint
 from adapters.zoo.evaluate import EVAL_SETS as _SET_FILES
 from app.engine.calibration import fallback_rule_options
 from app.engine.engine import Engine
@@ -209,7 +210,9 @@ def run(args: argparse.Namespace, engine: Engine, command: str) -> QualityResult
         + (f" (threshold {defaults.threshold:g})" if defaults.fallback != "learned" else "")
         + (f", from {args.calibration.name}" if calibration is not None else
            ", the engine's defaults (calibrated for this store)"),
+        fingerprint=zoo_fingerprint(store),
     )
+    print(f"\n{FINGERPRINT_LABEL}: {info.fingerprint}")
     calibration = calibration or engine.calibration
     plot = None if args.no_docs else args.plot
     markdown = results_markdown(info, [(s.name, s.table, s.routing, s.targets)

@@ -170,7 +170,7 @@ def evaluate_rows(
         started = time.perf_counter()
         try:
             answers = generate(engine, requests, row.label, progress=progress)
-            _check_blend(row, answers)
+            _check_blend(row, answers, engine.settings.blend_weight_step)
         except Exception as exc:  # one row's failure must not lose the others
             table.accuracy[row.key] = dict.fromkeys(tasks, math.nan)
             table.notes[row.key] = f"n/a: {type(exc).__name__}: {exc}"
@@ -189,14 +189,16 @@ def _share(flags: object) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def _check_blend(row: Row, answers: Sequence[Answer]) -> None:
-    """The engine must have blended what the row asked for, or the row measures nothing."""
+def _check_blend(row: Row, answers: Sequence[Answer], step: float = 0.0) -> None:
+    """The engine must have blended what the row asked for, or the row measures nothing: the
+    same adapters, each weight as the engine rounds it (to `step`, blend_weight_step)."""
     if row.mix is None:
         return
     wanted = sorted((a, round(w, 6)) for a, w in row.mix)
     for answer in answers:
         got = sorted((a, round(w, 6)) for a, w in answer.blend)
-        if got != wanted:
+        if [a for a, _ in got] != [a for a, _ in wanted] or any(
+                abs(g - w) > step / 2 + 1e-6 for (_, g), (_, w) in zip(got, wanted, strict=True)):
             raise RuntimeError(f"asked for the static mix {wanted}, the engine blended {got}")
         if answer.method != row.method:
             raise RuntimeError(f"asked for merge {row.method!r}, the engine used {answer.method!r}")

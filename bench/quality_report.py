@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from adapters.fingerprint import FINGERPRINT_LABEL
 from bench.quality_lib import QualityTable, RoutingReport, RuleRow, Target
 from bench.quality_ood import OodReport
 from router_index.calibrate import Calibration, format_tables
@@ -27,6 +28,7 @@ class RunInfo:
     device: str
     seconds: float
     routing: str  # the routing defaults the dynamic rows used, in words
+    fingerprint: str = ""  # adapters.fingerprint.zoo_fingerprint of the measured store
 
 
 def pct(x: float) -> str:
@@ -170,7 +172,9 @@ def results_markdown(
         f"{info.device}, {info.seconds / 60:.1f} min). Exact match uses the zoo's scorer "
         "(`adapters.zoo.tasks.answers_match`: stripped text; numbers compared by value; JSON "
         "parsed for json_extract); greedy decoding through the engine's real path "
-        "(continuous batching).",
+        "(continuous batching)."
+        + (f" Measured on {FINGERPRINT_LABEL} `{info.fingerprint}`." if info.fingerprint
+           else ""),
         "",
         "FT-x: expert x alone. Static merges of all experts: weight averaging (linear, 1/N "
         "each), task arithmetic (linear, 0.3 each), TIES / DARE-TIES / NeuroMerging (weight 1 "

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from adapters.fingerprint import zoo_fingerprint
 from app.engine.engine import Engine
 from bench.quality import main
 from bench.quality_lib import QualityTable, check_targets
@@ -78,6 +79,9 @@ def test_benchmark_on_the_micro_zoo(micro_engine: Engine, tmp_path: Path) -> Non
     for label in labels:
         assert label in text
     assert "python -m bench.quality --zoo micro --limit 2" in text
+    store = micro_engine.settings.adapter_store
+    assert f"zoo fingerprint `{zoo_fingerprint(store)}`" in text  # the measured store's
+    assert zoo_fingerprint(store) != zoo_fingerprint()  # not the demo zoo's
     assert plot.stat().st_size > 0
     routing = result.routing
     assert routing is not None and sum(map(sum, (r.values() for r in
@@ -86,3 +90,24 @@ def test_benchmark_on_the_micro_zoo(micro_engine: Engine, tmp_path: Path) -> Non
     assert ood is not None and ood.n_prompts == 10
     same, fallbacks = ood.identical_on_fallback
     assert same == fallbacks  # a fallback answers exactly as the base model
+
+
+def test_static_rows_accept_the_engines_rounded_weights() -> None:
+    """A 1/6 mix is blended as 0.167 each at the default blend_weight_step (0.001): the same
+    mix; another adapter, or a weight further than half a step, is not."""
+    from bench.quality_lib import Answer, _check_blend
+    from bench.quality_rows import Row
+
+    ids = [f"t{i}" for i in range(6)]
+    row = Row("avg", "Weight averaging", "static", mix=tuple((a, 1 / 6) for a in ids))
+
+    def answer(blend: list[tuple[str, float]]) -> list[Answer]:
+        return [Answer("x", tuple(blend), False, "linear")]
+
+    _check_blend(row, answer([(a, 0.167) for a in ids]), 0.001)
+    with pytest.raises(RuntimeError):
+        _check_blend(row, answer([(a, 0.167) for a in ids]), 0.0)
+    with pytest.raises(RuntimeError):
+        _check_blend(row, answer([(a, 0.168) for a in ids]), 0.001)
+    with pytest.raises(RuntimeError):
+        _check_blend(row, answer([(a, 0.167) for a in [*ids[:5], "other"]]), 0.001)
