@@ -2,10 +2,8 @@
 provider with api_base: completion, streaming, parallel acompletion, and how litellm maps the
 server's error statuses (400, 404, 409, 429, 503) onto its exception classes.
 
-litellm is not in the lock (.ci/constraints.txt): every release that accepts the lock's
-openai 3, filelock 4 and huggingface-hub 2 (1.110.x) requires boto3, whose botocore needs
-python-dateutil<3 while the lock pins python-dateutil==4.0.0. It skips without litellm; the
-`clients` extra installs it (outside the lock).
+litellm is a dev dependency pinned in the lock (1.110.2; its boto3 is why python-dateutil is
+held at 2.9.0.post0).
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ from app.main import create_app
 # Offline: the bundled model cost map instead of fetching it at import; no telemetry.
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("LITELLM_TELEMETRY", "False")
-litellm = pytest.importorskip("litellm")
+import litellm  # after the offline settings above: litellm reads them at import
 
 QUESTION = [{"role": "user", "content": "What is 2 plus 3?"}]
 
