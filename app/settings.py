@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     memory bandwidth, so a second thread buys it little, while routing (the embedder),
     tokenising and HTTP need a core of their own: sharing one oversubscribes it (on 2 cores,
     dynamic/base throughput at 16 clients went from 0.61 with 2 threads to 0.93 with 1)."""
+    decode_threads: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] = "auto"
+    """torch threads of decode steps. `auto`: `torch_threads` while other work (routing,
+    tokenising, HTTP, other processes) keeps the cores busy, every usable core while they are
+    free, chosen every half second from the machine's idle CPU and the decoding thread's run
+    queue wait (app/engine/threads.py). A number fixes it."""
     max_adapters: int = Field(default=16, ge=1, le=1024)
     """Adapter slots on the device (the device tier). The store may hold any number of
     adapters: those a request needs are brought in at admission, least recently used idle
@@ -148,9 +153,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=16, ge=1, le=1024)
     """Sequences decoded or prefilled at once (continuous batching)."""
     prefill_threads: int | None = Field(default=None, ge=1, le=1024)
-    """torch threads for prefill forwards (compute-bound, unlike decoding); unset: the same as
-    `torch_threads`. More than `torch_threads` lends the cores that routing and HTTP use to
-    prefill, which pays only while those are idle."""
+    """torch threads for prefill forwards (compute-bound, unlike decoding); unset: the decode
+    steps' (`decode_threads`). More than `torch_threads` lends the cores that routing and HTTP
+    use to prefill, which pays only while those are idle."""
     kv_pool_bytes: int | None = Field(default=None, ge=0)
     """Bytes of the KV pool: one slot of the model's whole context per running row, so
     `max_batch_size` rows need `max_batch_size * context * bytes_per_token`. Unset: that, or

@@ -18,7 +18,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ from app.engine.protocol import AdapterInfo, EngineStats, Health, RefusedAdapter
 from app.engine.residency import Residency, Target
 from app.engine.scheduler import WAKE, Job, Scheduler
 from app.engine.stream import GenerationStream
+from app.engine.threads import DecodeThreads, Policy, usable_cores
 from app.engine.types import (
     Admission,
     ContextLengthExceededError,
@@ -108,7 +109,7 @@ class Engine:
         self.scheduler = Scheduler(
             self.model, self.context, self.tokenizer, self.eos_ids, self.model_lock,
             s.max_batch_size, s.max_step_tokens, self._release, self._constraint_for,
-            s.prefill_threads, self.kv_pool, self.prefix_cache,
+            s.prefill_threads, self.kv_pool, self.prefix_cache, self._decode_threads(),
         )
         self._worker = threading.Thread(target=self._work, name="dynamerge-engine", daemon=True)
         self._worker.start()
@@ -481,6 +482,14 @@ class Engine:
     def threads(self) -> int:
         """torch intra-op threads of the engine (see Settings.torch_threads)."""
         return self.settings.torch_threads or max(1, (os.cpu_count() or 1) // 2)
+
+    def _decode_threads(self) -> Callable[[], int]:
+        """The decode steps' thread count: fixed, or the `auto` policy between `threads` and
+        every usable core."""
+        fixed = self.settings.decode_threads
+        if fixed != "auto":
+            return lambda: fixed
+        return DecodeThreads(Policy(low=self.threads, high=max(self.threads, usable_cores())))
 
     def _work(self) -> None:
         torch.set_num_threads(self.threads)  # this thread runs every forward pass
