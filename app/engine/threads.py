@@ -12,8 +12,9 @@ threads only while the cores are free, judged from two cheap kernel counters rea
 - down: the share of the window the decoding thread itself waited on a run queue
   (/proc/thread-self/schedstat): other work wants the cores we hold.
 
-The two signals leave a band between them (hysteresis), and after stepping down the count
-holds for `hold_windows` windows, so a moderate load does not make it flap.
+The two signals leave a band between them (hysteresis); after stepping down the count holds
+for `hold_windows` windows, twice as long each time a step up is undone at once (up to
+`max_hold_windows`), so a load that sits in the band does not make it flap.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ class Policy:
     high: int  # threads when the cores are free (the usable cores)
     up_idle: float = 0.75  # one more thread when at least this much of a core sat idle...
     down_delay: float = 0.1  # ...one fewer when the decoding thread waited this share of the time
-    hold_windows: int = 4  # windows to stay after stepping down
+    hold_windows: int = 4  # windows to stay after stepping down; doubled (up to
+    max_hold_windows: int = 64  # this) each time a step up is undone by the next window
 
 
 def choose(current: int, window: Window, policy: Policy) -> int:
@@ -62,18 +64,23 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _cpu_times() -> tuple[float, float]:
-    """(idle, total) jiffies of all CPUs since boot."""
+@dataclass(frozen=True)
+class Counters:
+    """Kernel counters since boot (CPUs) and since the calling thread started (its wait)."""
+
+    idle: float  # jiffies all CPUs were idle (idle + iowait)
+    total: float  # jiffies of all CPUs
+    delay_s: float  # seconds the calling thread waited on a run queue
+
+
+def read_counters() -> Counters:
+    """The counters, from /proc/stat and /proc/thread-self/schedstat (Linux)."""
     with open("/proc/stat", "rb") as f:
         fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    return idle, sum(fields[:8])  # guest time is already counted in user
-
-
-def _run_delay_s() -> float:
-    """Seconds the calling thread has waited on a run queue since it started."""
     with open("/proc/thread-self/schedstat", "rb") as f:
-        return int(f.read().split()[1]) / 1e9
+        delay_ns = int(f.read().split()[1])
+    # guest time is already counted in user, so only the first eight fields add up
+    return Counters(fields[3] + fields[4], sum(fields[:8]), delay_ns / 1e9)
 
 
 class DecodeThreads:
@@ -84,58 +91,59 @@ class DecodeThreads:
     """
 
     def __init__(self, policy: Policy, window_s: float = 0.5,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 read: Callable[[], Counters] = read_counters, cores: int | None = None
+                 ) -> None:
         self.policy = policy
         self.window_s = window_s
         self.clock = clock
+        self.read = read
+        self.cores = cores or usable_cores()
         self.current = policy.low
-        self.cores = usable_cores()
         self._since: float | None = None
-        self._idle = self._total = self._delay = 0.0
-        self._hold = 0
-        self._works = True
+        self._last: Counters | None = None
+        self._hold = 0  # windows left before the count may rise again
+        self._backoff = policy.hold_windows
+        self._rose = False  # the last window stepped up
+        self._works = policy.high > policy.low
 
     def __call__(self) -> int:
-        if not self._works or self.policy.high <= self.policy.low:
+        if not self._works:
             return self.current
         now = self.clock()
-        if self._since is None:
-            self._start(now)
-            return self.current
-        if now - self._since < self.window_s:
+        if self._since is not None and now - self._since < self.window_s:
             return self.current
         try:
-            idle, total = _cpu_times()
-            delay = _run_delay_s()
+            counters = self.read()
         except (OSError, ValueError, IndexError):
             log.warning("no CPU counters here (/proc): decoding on %d threads", self.current)
             self._works = False
             return self.current
-        wall = now - self._since
+        if self._since is not None and self._last is not None:
+            self._decide(now - self._since, self._last, counters)
+        self._since, self._last = now, counters
+        return self.current
+
+    def _decide(self, wall: float, before: Counters, after: Counters) -> None:
         window = Window(
-            idle_cores=self.cores * (idle - self._idle) / max(total - self._total, 1),
-            delay=(delay - self._delay) / wall,
+            idle_cores=self.cores * (after.idle - before.idle) / max(after.total - before.total,
+                                                                     1),
+            delay=(after.delay_s - before.delay_s) / wall,
         )
         chosen = choose(self.current, window, self.policy)
-        if self._hold > 0:
+        if self._hold > 0:  # stepped down lately: no step up yet
             self._hold -= 1
             chosen = min(chosen, self.current)
         if chosen < self.current:
-            self._hold = self.policy.hold_windows
+            # A step up undone at once: the idle core was not free for us (a load in the band
+            # between the two thresholds); wait longer before the next try.
+            if self._rose:
+                self._backoff = min(2 * self._backoff, self.policy.max_hold_windows)
+            self._hold = self._backoff
+        elif chosen == self.current > self.policy.low:
+            self._backoff = self.policy.hold_windows  # a step up that held: forget the backoff
+        self._rose = chosen > self.current
         if chosen != self.current:
             log.debug("decode threads %d -> %d (idle %.2f cores, waited %.0f%%)",
                       self.current, chosen, window.idle_cores, 100 * window.delay)
         self.current = chosen
-        self._start(now, idle, total, delay)
-        return self.current
-
-    def _start(self, now: float, idle: float | None = None, total: float | None = None,
-               delay: float | None = None) -> None:
-        try:
-            if idle is None or total is None or delay is None:
-                idle, total = _cpu_times()
-                delay = _run_delay_s()
-        except (OSError, ValueError, IndexError):
-            self._works = False
-            return
-        self._since, self._idle, self._total, self._delay = now, idle, total, delay
