@@ -170,3 +170,29 @@ def test_decode_forwards_run_on_the_chosen_thread_count(micro_engine):
     decodes = [threads for tokens, threads in seen if tokens == 1]
     assert len(decodes) == len(given) >= 4
     assert decodes == given
+
+
+def _in_thread(fn) -> None:
+    thread = threading.Thread(target=fn)
+    thread.start()
+    thread.join()
+
+
+def test_routing_encodes_on_its_own_thread_count(micro_engine):
+    """A request thread's first torch op takes the process's latest `set_num_threads` (here:
+    a decode on more threads); the embedder sets its own count instead."""
+    embedder = micro_engine.router.embedder
+    assert embedder.threads == micro_engine.threads
+    before = torch.get_num_threads()
+    seen: list[int] = []
+
+    def request() -> None:
+        embedder.encode(["What is 2 plus 2?"])
+        seen.append(torch.get_num_threads())
+
+    try:
+        _in_thread(lambda: torch.set_num_threads(embedder.threads + 1))
+        _in_thread(request)
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [embedder.threads]

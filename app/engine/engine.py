@@ -152,7 +152,7 @@ class Engine:
         """Every routable adapter's exemplars indexed (embeddings from the cache when it has
         them), then the routing defaults: calibrated for this store unless pinned."""
         s = self.settings
-        embedder = Embedder(s.embedder_path)
+        embedder = Embedder(s.embedder_path, threads=self.threads)
         cache = EmbeddingCache(
             s.cache_dir / "embeddings", embedder_identity(embedder.path, embedder.name,
                                                           embedder.dim),

@@ -7,8 +7,9 @@ stalls at every OpenMP barrier until its preempted thread runs again: on 2 cores
 dynamic/base from 0.93 to 0.61 at 16 clients (docs/benchmarks.md). So `auto` decodes on more
 threads only while the cores are free, judged from two cheap kernel counters read every window:
 
-- up: the machine's idle CPU over the window (/proc/stat, every process counts, ours too),
-  measured while decoding on fewer threads: a core at least `up_idle` idle is free to use;
+- up: the machine's idle CPU over the window (/proc/stat: every process counts, ours too;
+  niced work counts as idle, it yields), measured while decoding on fewer threads: a core at
+  least `up_idle` idle is free to use;
 - down: the share of the window the decoding thread itself waited on a run queue
   (/proc/thread-self/schedstat): other work wants the cores we hold.
 
@@ -68,7 +69,7 @@ def usable_cores() -> int:
 class Counters:
     """Kernel counters since boot (CPUs) and since the calling thread started (its wait)."""
 
-    idle: float  # jiffies all CPUs were idle (idle + iowait)
+    idle: float  # jiffies all CPUs were idle or ran niced work (idle + iowait + nice)
     total: float  # jiffies of all CPUs
     delay_s: float  # seconds the calling thread waited on a run queue
 
@@ -79,8 +80,10 @@ def read_counters() -> Counters:
         fields = [int(x) for x in f.readline().split()[1:]]
     with open("/proc/thread-self/schedstat", "rb") as f:
         delay_ns = int(f.read().split()[1])
-    # guest time is already counted in user, so only the first eight fields add up
-    return Counters(fields[3] + fields[4], sum(fields[:8]), delay_ns / 1e9)
+    # Niced work (builds, batch jobs) yields its core to ours: the scheduler gives a nice-10
+    # thread a tenth of a contended core. Guest time is already counted in user, so only the
+    # first eight fields add up.
+    return Counters(fields[1] + fields[3] + fields[4], sum(fields[:8]), delay_ns / 1e9)
 
 
 class DecodeThreads:
