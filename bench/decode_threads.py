@@ -1,11 +1,12 @@
 """Decode threads over HTTP: fixed 1, fixed 2 and `auto`, one server each, measured alternately.
 
     python bench/decode_threads.py                                  # 1, 2, auto; 1/4/8/16 clients
-    python bench/decode_threads.py --configs 1 2 2-passive auto --seconds 15 --rounds 2
+    python bench/decode_threads.py --configs 1 2 2-spin auto --seconds 15 --rounds 2
 
 Starts one `dynamerge serve` (demo zoo, loopback, a free port) per configuration of
-`DYNAMERGE_DECODE_THREADS` ("-passive": with OMP_WAIT_POLICY=PASSIVE, OpenMP threads sleep at
-once instead of spinning between parallel regions), then for each client level and model
+`DYNAMERGE_DECODE_THREADS` (the server's default OMP_WAIT_POLICY=PASSIVE: OpenMP threads sleep
+as soon as a region ends; "-spin": GOMP_SPINCOUNT=300000, libgomp's own default, threads spin
+between regions), then for each client level and model
 (base, and routed top-3 "auto") runs every server in turn for `--seconds`: closed-loop clients
 streaming chat completions (temperature 0, `--max-tokens` with ignore_eos, the demo's held-out
 prompts of every task, interleaved). Only the server being measured has work; the others idle.
@@ -56,8 +57,10 @@ def _env(config: str, port: int) -> dict[str, str]:
     env = {**os.environ, "DYNAMERGE_PORT": str(port), "DYNAMERGE_LOG_LEVEL": "warning",
            "DYNAMERGE_DECODE_THREADS": threads, "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    if wait == "passive":
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    env.pop("OMP_WAIT_POLICY", None)
+    env.pop("GOMP_SPINCOUNT", None)
+    if wait == "spin":  # libgomp's own default (the server's before it set PASSIVE)
+        env["GOMP_SPINCOUNT"] = "300000"
     return env
 
 
