@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # as `dynamerge serve` sets it (app/cli.py)
 
 import torch
 from prometheus_client import REGISTRY
@@ -314,7 +316,8 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=10, help="profiled steps")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args()
-    print(f"uptime at start: {os.getloadavg()}")
+    print(f"uptime at start: {os.getloadavg()}; OMP_WAIT_POLICY="
+          f"{os.environ.get('OMP_WAIT_POLICY')}, GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT')}")
     settings = Settings(torch_threads=args.threads, decode_threads=args.threads)
     engine = Engine(settings)
     engine.load(show_progress=False)

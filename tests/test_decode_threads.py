@@ -131,9 +131,17 @@ def test_real_counters_are_read_and_move_forward():
     assert second.delay_s >= first.delay_s >= 0
 
 
-def test_engine_builds_the_setting(micro_settings):
+def test_engine_builds_the_setting(micro_settings, monkeypatch):
     fixed = Engine(micro_settings.model_copy(update={"decode_threads": 3}))._decode_threads()
     assert fixed() == 3
+    unset = micro_settings.model_copy(update={"decode_threads": None, "torch_threads": 1})
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")  # as `dynamerge serve` sets it
+    assert Engine(unset)._decode_threads()() == usable_cores()
+    monkeypatch.delenv("OMP_WAIT_POLICY")  # libgomp's spinning default: stay at the floor
+    assert Engine(unset)._decode_threads()() == 1
+    monkeypatch.setenv("GOMP_SPINCOUNT", "0")
+    assert Engine(unset)._decode_threads()() == usable_cores()
     auto = Engine(micro_settings.model_copy(update={"decode_threads": "auto",
                                                     "torch_threads": 1}))._decode_threads()
     assert isinstance(auto, DecodeThreads)

@@ -42,7 +42,7 @@ from app.engine.protocol import AdapterInfo, EngineStats, Health, RefusedAdapter
 from app.engine.residency import Residency, Target
 from app.engine.scheduler import WAKE, Job, Scheduler
 from app.engine.stream import GenerationStream
-from app.engine.threads import DecodeThreads, Policy, usable_cores
+from app.engine.threads import DecodeThreads, Policy, omp_threads_sleep, usable_cores
 from app.engine.types import (
     Admission,
     ContextLengthExceededError,
@@ -484,12 +484,17 @@ class Engine:
         return self.settings.torch_threads or max(1, (os.cpu_count() or 1) // 2)
 
     def _decode_threads(self) -> Callable[[], int]:
-        """The decode steps' thread count: fixed, or the `auto` policy between `threads` and
-        every usable core."""
-        fixed = self.settings.decode_threads
-        if fixed != "auto":
-            return lambda: fixed
-        return DecodeThreads(Policy(low=self.threads, high=max(self.threads, usable_cores())))
+        """The decode steps' thread count (Settings.decode_threads): fixed, every usable core
+        (unset, when OpenMP threads sleep between regions), or the `auto` policy between
+        `threads` and every usable core."""
+        chosen = self.settings.decode_threads
+        if chosen == "auto":
+            return DecodeThreads(Policy(low=self.threads,
+                                        high=max(self.threads, usable_cores())))
+        if chosen is None:
+            chosen = usable_cores() if omp_threads_sleep() else self.threads
+        fixed = chosen
+        return lambda: fixed
 
     def _work(self) -> None:
         torch.set_num_threads(self.threads)  # this thread runs every forward pass

@@ -57,6 +57,17 @@ def choose(current: int, window: Window, policy: Policy) -> int:
     return min(max(current, policy.low), policy.high)
 
 
+def omp_threads_sleep() -> bool:
+    """Whether OpenMP's idle threads sleep at once (OMP_WAIT_POLICY=PASSIVE, as `dynamerge
+    serve` sets it, or a short GOMP_SPINCOUNT) rather than spin for milliseconds, which makes
+    a multi-threaded decode collapse on busy cores. Read from the environment that libgomp
+    read when torch loaded (set later, it is wrong)."""
+    spin = os.environ.get("GOMP_SPINCOUNT", "").strip()
+    if spin:
+        return spin.isdigit() and int(spin) <= 10_000
+    return os.environ.get("OMP_WAIT_POLICY", "").strip().upper() == "PASSIVE"
+
+
 def usable_cores() -> int:
     """Cores this process may run on (its affinity mask, else the machine's count)."""
     try:
