@@ -12,6 +12,13 @@ from pathlib import Path
 # Nothing is ever downloaded at run time: models come from packages and local directories.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# OpenMP threads sleep as soon as a parallel region ends instead of spinning for ~300k
+# iterations, a few ms (libgomp's default). A spinning helper holds a core that routing, HTTP
+# or the decode's own preempted thread needs: on 2 busy cores a two-thread decode step took
+# 0.85-1.7 s spinning against 51-111 ms sleeping (docs/benchmarks.md, "Decode threads").
+# libgomp reads it when torch loads, so it is set here, before anything imports torch.
+if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -69,6 +69,18 @@ FORWARD_SECONDS = Histogram(
     ["phase"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+DECODE_PHASE_SECONDS = Histogram(
+    "dynamerge_decode_phase_seconds",
+    "Time of one decode step's phases: blend (the rows' mixes), inputs (tokens, positions,"
+    " mask), forward (the model and its head), sample (logits to tokens), advance (stop checks,"
+    " detokenising, stream events), bookkeeping (rows leaving, slots)",
+    ["phase"],
+    buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+             0.25, 0.5),
+)
+DECODE_THREADS = Gauge(
+    "dynamerge_decode_threads", "torch threads of the latest decode step (DYNAMERGE_DECODE_THREADS)"
+)
 # vLLM's names, so dashboards and gateways built for it read ours (tokens, not requests).
 PREFIX_CACHE_QUERIES = Counter("vllm:prefix_cache_queries",
                                "Prompt tokens looked up in the prefix cache")

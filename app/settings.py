@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -37,10 +37,17 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """`auto`: bfloat16 on CUDA, float32 on CPU (no native bf16 on our CPUs)."""
     torch_threads: int | None = Field(default=None, ge=1, le=1024)
-    """torch intra-op threads; unset: half the CPU cores (at least 1). Decoding is bound by
-    memory bandwidth, so a second thread buys it little, while routing (the embedder),
-    tokenising and HTTP need a core of their own: sharing one oversubscribes it (on 2 cores,
-    dynamic/base throughput at 16 clients went from 0.61 with 2 threads to 0.93 with 1)."""
+    """torch intra-op threads of the router's embedder, and the floor of `decode_threads`
+    `auto` (and the decode's own when OpenMP threads spin); unset: half the CPU cores (at
+    least 1), leaving the rest to routing, tokenising and HTTP."""
+    decode_threads: Annotated[int, Field(ge=1, le=1024)] | Literal["auto"] | None = None
+    """torch threads of decode steps. Unset: every usable core when OpenMP's idle threads sleep
+    (OMP_WAIT_POLICY=PASSIVE, which `dynamerge serve` sets unless told otherwise), else
+    `torch_threads`: with spinning OpenMP threads a two-thread step collapses on busy cores
+    (docs/benchmarks.md, "Decode threads"). `auto`: `torch_threads` while other work keeps the
+    cores busy, every usable core while one is idle, chosen every half second from the
+    machine's idle CPU and the decoding thread's run-queue wait (app/engine/threads.py). A
+    number fixes it."""
     max_adapters: int = Field(default=16, ge=1, le=1024)
     """Adapter slots on the device (the device tier). The store may hold any number of
     adapters: those a request needs are brought in at admission, least recently used idle
@@ -151,9 +158,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=16, ge=1, le=1024)
     """Sequences decoded or prefilled at once (continuous batching)."""
     prefill_threads: int | None = Field(default=None, ge=1, le=1024)
-    """torch threads for prefill forwards (compute-bound, unlike decoding); unset: the same as
-    `torch_threads`. More than `torch_threads` lends the cores that routing and HTTP use to
-    prefill, which pays only while those are idle."""
+    """torch threads for prefill forwards (compute-bound, unlike decoding); unset: the decode
+    steps' (`decode_threads`). More than `torch_threads` lends the cores that routing and HTTP
+    use to prefill, which pays only while those are idle."""
     decode_path: Literal["auto", "lean", "transformers"] = "auto"
     """Forward of decode steps: `lean` (fused projections, exact; Llama-family models only,
     app/engine/lean_decode.py), `transformers` (the model's own forward), or `auto`: lean

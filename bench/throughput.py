@@ -559,8 +559,8 @@ def parse_args() -> argparse.Namespace:
                         help="workloads the (slow, serial) naive system runs (default: "
                              "ignore_eos)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="the engine's torch intra-op threads (default: the engine's own, "
-                             "DYNAMERGE_TORCH_THREADS or half the cores)")
+                        help="the engine's torch intra-op threads, decode included (default: "
+                             "the engine's own, DYNAMERGE_TORCH_THREADS / _DECODE_THREADS)")
     parser.add_argument("--prefill-threads", type=int, default=None,
                         help="the engine's torch threads for prefill (default: its setting)")
     parser.add_argument("--step-tokens", type=int, default=None,
@@ -580,6 +580,7 @@ def main() -> None:
             "max_batch_size": max(settings.max_batch_size, max(args.levels)),
             "max_queue": max(settings.max_queue, max(args.levels)),
             "torch_threads": args.threads or settings.torch_threads,
+            "decode_threads": args.threads or settings.decode_threads,
             "max_step_tokens": args.step_tokens or settings.max_step_tokens,
             "prefill_threads": args.prefill_threads or settings.prefill_threads,
         })

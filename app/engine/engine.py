@@ -18,7 +18,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -43,6 +43,7 @@ from app.engine.protocol import AdapterInfo, EngineStats, Health, RefusedAdapter
 from app.engine.residency import Residency, Target
 from app.engine.scheduler import WAKE, Job, Scheduler
 from app.engine.stream import GenerationStream
+from app.engine.threads import DecodeThreads, Policy, omp_threads_sleep, usable_cores
 from app.engine.types import (
     Admission,
     ContextLengthExceededError,
@@ -111,6 +112,7 @@ class Engine:
             self.model, self.context, self.tokenizer, self.eos_ids, self.model_lock,
             s.max_batch_size, s.max_step_tokens, self._release, self._constraint_for,
             s.prefill_threads, self.kv_pool, self.prefix_cache, self.lean,
+            self._decode_threads(),
         )
         self._worker = threading.Thread(target=self._work, name="dynamerge-engine", daemon=True)
         self._worker.start()
@@ -168,7 +170,7 @@ class Engine:
         """Every routable adapter's exemplars indexed (embeddings from the cache when it has
         them), then the routing defaults: calibrated for this store unless pinned."""
         s = self.settings
-        embedder = Embedder(s.embedder_path)
+        embedder = Embedder(s.embedder_path, threads=self.threads)
         cache = EmbeddingCache(
             s.cache_dir / "embeddings", embedder_identity(embedder.path, embedder.name,
                                                           embedder.dim),
@@ -498,6 +500,19 @@ class Engine:
     def threads(self) -> int:
         """torch intra-op threads of the engine (see Settings.torch_threads)."""
         return self.settings.torch_threads or max(1, (os.cpu_count() or 1) // 2)
+
+    def _decode_threads(self) -> Callable[[], int]:
+        """The decode steps' thread count (Settings.decode_threads): fixed, every usable core
+        (unset, when OpenMP threads sleep between regions), or the `auto` policy between
+        `threads` and every usable core."""
+        chosen = self.settings.decode_threads
+        if chosen == "auto":
+            return DecodeThreads(Policy(low=self.threads,
+                                        high=max(self.threads, usable_cores())))
+        if chosen is None:
+            chosen = usable_cores() if omp_threads_sleep() else self.threads
+        fixed = chosen
+        return lambda: fixed
 
     def _work(self) -> None:
         torch.set_num_threads(self.threads)  # this thread runs every forward pass
