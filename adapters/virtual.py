@@ -26,6 +26,7 @@ from torch import Tensor
 
 from adapters.merge import (
     MergeMethod,
+    MergeParameterError,
     ModuleInputs,
     VirtualKey,
     compact_low_rank,
@@ -152,6 +153,10 @@ class MergeFactory:
                     modules[module] = VirtualModule(A=factors[1], B=factors[0])
                     continue
                 merged = method.combine(prepared, weights, options.params)
+            if not bool(torch.isfinite(merged).all()):  # e.g. lambda_2 = 1e124 overflows fp32
+                raise MergeParameterError(
+                    f"{key.method}: the merged weights of {module} are not finite; its scale "
+                    "parameters or weights are too large", param="method")
             bound = self._rank_bound(key.adapter_ids, module)
             stored, err_sq = _store(merged, options, method, bound)
             modules[module] = stored

@@ -96,6 +96,9 @@ def test_methods_in_one_batch_match_alone(micro_engine):
         (MergeSpec(method="ties", params=(("bogus", 1),)), "unknown parameter 'bogus'"),
         (MergeSpec(method="ties", storage="zip"), "merge.storage"),
         (MergeSpec(method="ties", rank=0), "merge.rank"),
+        # in range, but the merged weights overflow fp32 (found by the fuzz test)
+        (MergeSpec(method="neuro", params=(("lambda_2", 1.5e124),), storage="svd"),
+         "not finite"),
     ],
 )
 def test_bad_merge_options_are_refused(micro_engine, spec, match):
