@@ -1,0 +1,108 @@
+"""bench/vs_llamacpp.py without llama.cpp: its build options, request bodies and report maths.
+
+The benchmark itself (a llama.cpp build, three servers, minutes of decoding) is not in CI.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.vs_llamacpp import (
+    ADAPTERS,
+    CLIENTS,
+    SYSTEMS,
+    Figures,
+    Request,
+    agreement,
+    answer,
+    cmake_options,
+    dynamerge_body,
+    llama_body,
+    parse_args,
+    ratio_table,
+    ratios,
+    table,
+)
+
+AVX512 = {"avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw"}
+
+
+def test_cmake_options_never_native_nor_amx_and_follow_the_cpu_flags() -> None:
+    flags = {"avx", "avx2", "fma", "f16c", "amx_tile", "amx_int8", "amx_bf16", *AVX512}
+    options = cmake_options(flags)
+    assert "-DGGML_NATIVE=OFF" in options
+    assert {"-DGGML_AMX_TILE=OFF", "-DGGML_AMX_INT8=OFF", "-DGGML_AMX_BF16=OFF"} <= set(options)
+    assert not any(o.startswith("-DGGML_AMX") and o.endswith("=ON") for o in options)
+    assert {"-DGGML_AVX2=ON", "-DGGML_AVX512=ON", "-DGGML_AVX512_VNNI=OFF"} <= set(options)
+    # GGML_AVX512 passes -mavx512cd/vl/dq/bw too: all of them must be there.
+    assert "-DGGML_AVX512=OFF" in cmake_options(flags - {"avx512bw"})
+
+
+def test_request_bodies_name_the_same_blend() -> None:
+    blend = Request("What is 2 plus 2?", (1, 2, 3), (("spell", 0.8), ("arithmetic", 0.2)))
+    llama = llama_body(blend, 32)
+    assert llama["lora"] == [{"id": ADAPTERS.index("spell"), "scale": 0.8},
+                             {"id": ADAPTERS.index("arithmetic"), "scale": 0.2}]
+    assert llama["prompt"] == [1, 2, 3]
+    assert (llama["cache_prompt"], llama["ignore_eos"], llama["temperature"]) == (False, True, 0)
+    ours = dynamerge_body(blend, 32)
+    assert ours["model"] == "auto"
+    assert ours["routing"]["adapters"] == ["spell", "arithmetic"]
+    assert (ours["routing"]["top_k"], ours["routing"]["min_weight"]) == (2, 0)
+    assert dynamerge_body(Request("x", (1,), (("spell", 1.0),)), 32)["model"] == "spell"
+    base = Request("x", (1,))
+    assert dynamerge_body(base, 32)["model"] == "base"
+    assert llama_body(base, 32)["lora"] == []
+
+
+def _figures() -> dict:
+    dm, t1, t2 = SYSTEMS
+    f = {}
+    for case in ("base", "one adapter", "blend of two"):
+        f[(case, 1, dm)] = Figures(tok_s=17.0, tpot_ms=55.0, ttft_ms=100)
+        f[(case, 1, t1)] = Figures(tok_s=21.0, tpot_ms=44.0, ttft_ms=50)
+        f[(case, 1, t2)] = Figures(tok_s=40.0, tpot_ms=22.0, ttft_ms=30)
+    f[("base", CLIENTS, dm)] = Figures(50.0, 150.0, 300)
+    f[("base", CLIENTS, t2)] = Figures(100.0, 70.0, 200)
+    f[("blend of two each, different weights", CLIENTS, dm)] = Figures(48.0, 160.0, 900)
+    f[("blend of two each, different weights", CLIENTS, t2)] = Figures(20.0, 40.0, 4000)
+    return f
+
+
+def test_ratios_follow_the_issue_targets() -> None:
+    rows = {what: (value, target, met) for what, value, target, met in ratios(_figures())}
+    value, target, met = rows["TPOT @1, one thread each: base, dynamerge / llama.cpp t1"]
+    assert (value, target, met) == (pytest.approx(55 / 44), "<= 1.1", False)
+    assert rows["TPOT @1, defaults: blend of two, dynamerge / llama.cpp t2"][0] == 2.5
+    assert rows[f"tok/s @{CLIENTS}: different blends, dynamerge / llama.cpp t2"][1:] == \
+        (">= 2", True)
+    assert rows[f"tok/s @{CLIENTS}: base, dynamerge / llama.cpp t2"][1:] == (">= 0.8", False)
+    assert rows["tok/s @1: dynamerge blend / base"][0] == 1.0
+    # A ratio whose figures are missing (no adapter case at 8 clients here) is left out.
+    assert not any("different adapters" in what for what in rows)
+    assert "| missed |" in ratio_table(ratios(_figures()))
+
+
+def test_table_has_a_row_per_case_and_dashes_for_missing_figures() -> None:
+    text = table([("base", 1), ("base", CLIENTS)], _figures())
+    lines = text.splitlines()
+    assert len(lines) == 4
+    assert lines[2].startswith("| base | 1 | 17.0 (55.0) | 21.0 (44.0) | 40.0 (22.0) |")
+    assert "| 50.0 (150.0) | - | 100.0 (70.0) |" in lines[3]
+
+
+def test_agreement_lists_every_mismatch() -> None:
+    outputs = {("spell:1", "Spell cat"): {s: {"c-a-t"} for s in SYSTEMS},
+               ("base", "Hi"): {SYSTEMS[0]: {"Hello"}, SYSTEMS[1]: {"Hello", "Hey"}}}
+    same, lines = agreement(outputs)
+    assert same == 1
+    assert "'Hello' || 'Hey'" in "\n".join(lines)
+    assert answer("85\nuser\nmore") == "85"
+
+
+def test_args() -> None:
+    assert parse_args([]).rounds == 3
+    assert parse_args(["--quick"]).rounds == 1
+    assert parse_args(["--quick", "--rounds", "2"]).rounds == 2
+    with pytest.raises(SystemExit):
+        parse_args(["--max-tokens", "1"])
