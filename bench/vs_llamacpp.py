@@ -287,9 +287,9 @@ def llama_command(paths: Paths, threads: int, port: int) -> list[str]:
                "--port", str(port), "-t", str(threads), "-tb", str(threads),
                "-np", str(CLIENTS), "-c", str(CLIENTS * 1024), "--cache-ram", "0",
                "--no-webui", "--lora-init-without-apply"]
-    for adapter in ADAPTERS:
-        command += ["--lora", str(paths.lora_gguf(adapter))]
-    return command
+    # One --lora with the paths comma-separated: repeated, only the last one is kept. Their
+    # order gives the ids of llama_body's `lora` field.
+    return [*command, "--lora", ",".join(str(paths.lora_gguf(a)) for a in ADAPTERS)]
 
 
 # --- requests --------------------------------------------------------------------------------
@@ -347,9 +347,9 @@ class Measured:
         return 1000 * float(np.median(values)) if values else float("nan")
 
 
-def dynamerge_body(request: Request, max_tokens: int) -> dict:
+def dynamerge_body(request: Request, max_tokens: int, ignore_eos: bool = True) -> dict:
     body: dict = {"messages": [{"role": "user", "content": request.prompt}],
-                  "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                  "max_tokens": max_tokens, "temperature": 0, "ignore_eos": ignore_eos,
                   "stream": True, "stream_options": {"include_usage": True}}
     if not request.blend:
         body["model"] = "base"
@@ -369,25 +369,28 @@ def blend_routing(adapters: Sequence[str]) -> dict:
             "min_weight": 0, "temperature": ROUTING_TEMPERATURE}
 
 
-def llama_body(request: Request, max_tokens: int) -> dict:
+def llama_body(request: Request, max_tokens: int, ignore_eos: bool = True) -> dict:
     ids = {a: i for i, a in enumerate(ADAPTERS)}
     return {"prompt": list(request.ids), "n_predict": max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True, "cache_prompt": False,
+            "ignore_eos": ignore_eos, "stream": True, "cache_prompt": False,
             "return_tokens": True,
             "lora": [{"id": ids[a], "scale": w} for a, w in request.blend]}
 
 
-def send(client, system: str, request: Request, max_tokens: int, tokenizer) -> Timing:
+def send(client, system: str, request: Request, max_tokens: int, tokenizer,
+         ignore_eos: bool = True) -> Timing:
     """One streamed request; times client-side with the same code for both servers."""
     dynamerge = system == "dynamerge"
     path = "/v1/chat/completions" if dynamerge else "/completion"
-    body = dynamerge_body(request, max_tokens) if dynamerge else llama_body(request, max_tokens)
+    body = (dynamerge_body if dynamerge else llama_body)(request, max_tokens, ignore_eos)
     sent = time.perf_counter()
     first = done = None
     parts: list[str] = []
     token_ids: list[int] = []
     tokens = prompt_tokens = 0
-    with client.stream("POST", path, json=body) as response:
+    # A new connection per request, for both servers: llama.cpp's server closes a kept-alive
+    # connection after a stream, and the next request on it would fail.
+    with client.stream("POST", path, json=body, headers={"Connection": "close"}) as response:
         if response.status_code != 200:
             response.read()
             raise RuntimeError(f"{system} answered {response.status_code}: {response.text}")
@@ -569,24 +572,36 @@ def ratio_table(rows: list[tuple[str, float, str, bool]]) -> str:
     return "\n".join(lines)
 
 
-def agreement(outputs: dict[tuple[str, str], dict[str, set[str]]]) -> tuple[int, list[str]]:
-    """Greedy texts per (request label + prompt): how many agree across every system and
-    round, and a line for each that does not."""
+def agreement(answers: dict[Request, dict[str, str]]) -> tuple[int, list[str]]:
+    """How many requests got the same answer from every server, and lines for the others."""
     same, lines = 0, []
-    for (label, prompt), by_system in sorted(outputs.items()):
-        texts = set().union(*by_system.values())
-        if len(texts) == 1:
+    for request, by_system in answers.items():
+        if len(set(by_system.values())) == 1:
             same += 1
             continue
-        lines.append(f"- {label} | {prompt!r}:")
-        lines += [f"    {system}: " + " || ".join(repr(t) for t in sorted(ts))
-                  for system, ts in sorted(by_system.items())]
+        lines.append(f"- {request.label} | {request.prompt!r}:")
+        lines += [f"    {system}: {text!r}" for system, text in by_system.items()]
     return same, lines
 
 
-def answer(text: str) -> str:
-    """The reply up to the end of its turn (ignore_eos generates past it)."""
-    return text.split("\n")[0].strip()
+def collect_answers(clients: dict[str, list], cases: Sequence[Case], max_tokens: int,
+                    tokenizer) -> dict[Request, dict[str, str]]:
+    """Every distinct request once per server, one at a time, stopping at the end of turn.
+
+    Not the timed texts: past the end of turn they cannot agree, because llama.cpp's
+    ignore_eos bans the end-of-generation tokens (it picks the runner-up) while dynamerge's,
+    like vLLM's, generates them and goes on.
+    """
+    from tqdm.auto import tqdm
+
+    requests = list(dict.fromkeys(r for c in cases for plan in c.plan for r in plan))
+    out: dict[Request, dict[str, str]] = {}
+    for request in tqdm(requests, desc="greedy answers", unit="req"):
+        for system in SYSTEMS:
+            timing = send(clients[system][0], system, request, max_tokens, tokenizer,
+                          ignore_eos=False)
+            out.setdefault(request, {})[system] = timing.text
+    return out
 
 
 # --- main ------------------------------------------------------------------------------------
@@ -601,15 +616,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, default=None,
                         help="where llama.cpp and the GGUFs live (default: "
                              "<DYNAMERGE_CACHE_DIR>/llama.cpp/<version>)")
+    parser.add_argument("--dynamerge-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting for the dynamerge server, e.g. DYNAMERGE_TORCH_THREADS=2 "
+                             "or DYNAMERGE_PREFIX_CACHE_BYTES=0 (repeatable; default: its "
+                             "defaults, prefix cache on)")
     parser.add_argument("--build-only", action="store_true",
                         help="build llama-server and convert the models, then stop")
     parser.add_argument("--json", type=Path, default=REPO / "bench" / "out" / "vs_llamacpp.json",
                         help="raw figures written here")
     args = parser.parse_args(argv)
+    args.load_before = None  # set when the measuring starts
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
     if args.rounds < 1 or args.max_tokens < 2:
         parser.error("--rounds must be >= 1 and --max-tokens >= 2 (TPOT needs two tokens)")
+    if any("=" not in item for item in args.dynamerge_env):
+        parser.error("--dynamerge-env takes KEY=VALUE")
     return args
 
 
@@ -639,7 +661,8 @@ def run(args: argparse.Namespace, paths: Paths, base_dir: Path) -> None:
     logs.mkdir(parents=True, exist_ok=True)
     ports = {s: free_port() for s in SYSTEMS}
     env = {**os.environ, "DYNAMERGE_HOST": "127.0.0.1", "DYNAMERGE_PORT": str(ports[SYSTEMS[0]]),
-           "DYNAMERGE_LOG_LEVEL": "warning"}
+           "DYNAMERGE_LOG_LEVEL": "warning",
+           **dict(item.split("=", 1) for item in args.dynamerge_env)}
     with ExitStack() as stack:
         print("starting the three servers ...", flush=True)
         urls = {SYSTEMS[0]: stack.enter_context(running(
@@ -653,22 +676,22 @@ def run(args: argparse.Namespace, paths: Paths, base_dir: Path) -> None:
         clients = {s: [stack.enter_context(httpx.Client(base_url=urls[s], timeout=600))
                        for _ in range(CLIENTS)] for s in SYSTEMS}
         results = {(c.name, c.clients, s): Measured() for c in cases for s in SYSTEMS}
-        outputs: dict[tuple[str, str], dict[str, set[str]]] = {}
         prompt_counts: dict[str, set[tuple[str, int]]] = {}
 
         def one(case: Case, system: str) -> Measured:
             m = measure(urls[system], system, case, args.max_tokens, tokenizer,
                         clients[system])
             for request, t in m.timings:
-                outputs.setdefault((request.label, request.prompt), {}).setdefault(
-                    system, set()).add(t.text)
                 prompt_counts.setdefault(request.prompt, set()).add((system, t.prompt_tokens))
             return m
 
-        # Warm-up: every case once per server (first-touch costs, llama.cpp's graph reserve).
+        # First, and not timed: every distinct request's answer from each server (also the
+        # first touch of every adapter and blend); then each case once per server.
+        answers = collect_answers(clients, cases, args.max_tokens, tokenizer)
         for case in tqdm(cases, desc="warm-up", unit="case"):
             for system in SYSTEMS:
-                one(case, system)
+                one(Case(case.name, 1, (case.plan[0][:1],)), system)
+        args.load_before = os.getloadavg()
         total = args.rounds * len(cases) * len(SYSTEMS)
         with tqdm(total=total, desc="measuring", unit="run") as bar:
             for r in range(args.rounds):
@@ -681,12 +704,16 @@ def run(args: argparse.Namespace, paths: Paths, base_dir: Path) -> None:
                         results[key].timings += m.timings
                         results[key].wall_s += m.wall_s
                         bar.update()
-    report(args, cases, results, outputs, prompt_counts, tokenizer)
+    report(args, cases, results, answers, prompt_counts)
+
+
+def _loads(load: Sequence[float] | None) -> str:
+    return "-" if load is None else ", ".join(f"{x:.2f}" for x in load)
 
 
 def report(args, cases: list[Case], results: dict[Key, Measured],
-           outputs: dict[tuple[str, str], dict[str, set[str]]],
-           prompt_counts: dict[str, set[tuple[str, int]]], tokenizer) -> None:
+           answers: dict[Request, dict[str, str]],
+           prompt_counts: dict[str, set[tuple[str, int]]]) -> None:
     figures = {k: Figures(m.tok_s, m.p50_ms("tpot"), m.p50_ms("ttft"))
                for k, m in results.items() if m.timings}
     names = [(c.name, c.clients) for c in cases]
@@ -694,7 +721,11 @@ def report(args, cases: list[Case], results: dict[Key, Measured],
     print(f"\n## dynamerge vs llama.cpp {VERSION} (F32 GGUF), {args.rounds} round(s), "
           f"{args.max_tokens} tokens, greedy, ignore_eos, streamed")
     print(f"{time.strftime('%Y-%m-%d %H:%M %Z')}; {cpu_name()}, {os.cpu_count()} cores; "
-          f"load average at the end {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f}\n")
+          f"load average (1, 5, 15 min) before measuring {_loads(args.load_before)}, at the end "
+          f"{_loads(load)}\n")
+    settings = ", ".join(args.dynamerge_env) or "its defaults"
+    print(f"dynamerge: {settings}; llama.cpp: -np {CLIENTS}, -t/-tb 1 (t1) and 2 (t2), "
+          f"cache_prompt false\n")
     print(table(names, figures))
     print()
     print(ratio_table(ratios(figures)))
@@ -706,22 +737,23 @@ def report(args, cases: list[Case], results: dict[Key, Measured],
            if len({n for _, n in counts}) > 1}
     print("prompt tokens equal on every server: " + (
         "yes" if not odd else f"NO, {len(odd)} prompts differ: {odd}"))
-    same, lines = agreement(outputs)
-    print(f"greedy {args.max_tokens}-token texts identical on every server and round: "
-          f"{same}/{len(outputs)}")
+    same, lines = agreement(answers)
+    print(f"greedy answers (real EOS, up to {args.max_tokens} tokens, one request at a time) "
+          f"identical on every server: {same}/{len(answers)}")
     if lines:
         print("mismatches:")
         print("\n".join(lines))
-    for name, clients in names:
-        m = results.get((name, clients, SYSTEMS[0]))
-        if clients == 1 and m is not None:
-            said = dict.fromkeys(answer(t.text) for _, t in m.timings)
-            print(f"answers, {name} @1 (dynamerge): " + ", ".join(repr(a) for a in said))
+    for case in cases:
+        if case.clients == 1:
+            said = [answers[r][SYSTEMS[0]] for r in case.plan[0]]
+            print(f"answers, {case.name} @1 (dynamerge): " + ", ".join(map(repr, said)))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({
         "version": VERSION, "rounds": args.rounds, "max_tokens": args.max_tokens,
-        "loadavg": load, "figures": [{"case": k[0], "clients": k[1], "system": k[2],
-                                      **f.__dict__} for k, f in figures.items()],
+        "loadavg_before": args.load_before, "loadavg_end": load,
+        "figures": [{"case": k[0], "clients": k[1], "system": k[2], **f.__dict__}
+                    for k, f in figures.items()],
+        "answers": [{"request": r.label, "prompt": r.prompt, **by} for r, by in answers.items()],
     }, indent=1))
     print(f"\nraw figures: {args.json}")
 

@@ -5,22 +5,28 @@ The benchmark itself (a llama.cpp build, three servers, minutes of decoding) is 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from bench.vs_llamacpp import (
     ADAPTERS,
     CLIENTS,
     SYSTEMS,
+    Case,
     Figures,
+    Measured,
     Request,
+    Timing,
     agreement,
-    answer,
     cmake_options,
     dynamerge_body,
     llama_body,
     parse_args,
     ratio_table,
     ratios,
+    report,
     table,
 )
 
@@ -92,12 +98,15 @@ def test_table_has_a_row_per_case_and_dashes_for_missing_figures() -> None:
 
 
 def test_agreement_lists_every_mismatch() -> None:
-    outputs = {("spell:1", "Spell cat"): {s: {"c-a-t"} for s in SYSTEMS},
-               ("base", "Hi"): {SYSTEMS[0]: {"Hello"}, SYSTEMS[1]: {"Hello", "Hey"}}}
-    same, lines = agreement(outputs)
+    spell, base = Request("Spell cat", (1,), (("spell", 1.0),)), Request("Hi", (2,))
+    answers = {spell: dict.fromkeys(SYSTEMS, "c-a-t"),
+               base: {SYSTEMS[0]: "Hello", SYSTEMS[1]: "Hey", SYSTEMS[2]: "Hey"}}
+    same, lines = agreement(answers)
     assert same == 1
-    assert "'Hello' || 'Hey'" in "\n".join(lines)
-    assert answer("85\nuser\nmore") == "85"
+    assert lines == ["- base | 'Hi':", f"    {SYSTEMS[0]}: 'Hello'", f"    {SYSTEMS[1]}: 'Hey'",
+                     f"    {SYSTEMS[2]}: 'Hey'"]
+    assert llama_body(spell, 32, ignore_eos=False)["ignore_eos"] is False
+    assert dynamerge_body(spell, 32, ignore_eos=False)["ignore_eos"] is False
 
 
 def test_args() -> None:
@@ -106,3 +115,28 @@ def test_args() -> None:
     assert parse_args(["--quick", "--rounds", "2"]).rounds == 2
     with pytest.raises(SystemExit):
         parse_args(["--max-tokens", "1"])
+    assert parse_args(["--dynamerge-env", "DYNAMERGE_TORCH_THREADS=2"]).dynamerge_env == \
+        ["DYNAMERGE_TORCH_THREADS=2"]
+    with pytest.raises(SystemExit):
+        parse_args(["--dynamerge-env", "DYNAMERGE_TORCH_THREADS"])
+
+
+def test_report_prints_the_tables_and_writes_the_figures(tmp_path: Path, capsys) -> None:
+    """The end of a long run, with made-up timings: 10 tokens, 100 ms apart, after 50 ms."""
+    spell = Request("Spell cat", (1, 2), (("spell", 0.7), ("arithmetic", 0.3)))
+    cases = [Case("blend of two", 1, ((spell,),))]
+    timing = Timing(sent=0.0, first=0.05, done=0.95, tokens=10, prompt_tokens=2, text="c-a-t")
+    results = {("blend of two", 1, s): Measured([(spell, timing)], wall_s=1.0) for s in SYSTEMS}
+    args = parse_args(["--quick", "--json", str(tmp_path / "out.json")])
+    report(args, cases, results, {spell: dict.fromkeys(SYSTEMS, "c-a-t")},
+           {spell.prompt: {(s, 2) for s in SYSTEMS}})
+    out = capsys.readouterr().out
+    assert "| blend of two | 1 | 10.0 (100.0) | 10.0 (100.0) | 10.0 (100.0) | 50 / 50 / 50 |" \
+        in out
+    assert "| TPOT @1, one thread each: blend of two, dynamerge / llama.cpp t1 | 1.00 |" in out
+    assert "spell:0.7+arithmetic:0.3" in out
+    assert "prompt tokens equal on every server: yes" in out
+    assert "identical on every server: 1/1" in out
+    saved = json.loads((tmp_path / "out.json").read_text())
+    assert saved["figures"][0]["tok_s"] == 10.0
+    assert saved["answers"][0][SYSTEMS[1]] == "c-a-t"
