@@ -375,7 +375,10 @@ def llama_body(request: Request, max_tokens: int, ignore_eos: bool = True) -> di
     return {"prompt": list(request.ids), "n_predict": max_tokens, "temperature": 0,
             "ignore_eos": ignore_eos, "stream": True, "cache_prompt": False,
             "return_tokens": True,
-            "lora": [{"id": ids[a], "scale": w} for a, w in request.blend]}
+            # Every adapter with its scale, 0 for the others: an empty list does not reset a
+            # slot's adapters (base requests were answered with an earlier request's LoRA).
+            "lora": [{"id": ids[a], "scale": dict(request.blend).get(a, 0.0)}
+                     for a in ADAPTERS]}
 
 
 def send(client, system: str, request: Request, max_tokens: int, tokenizer,

@@ -47,8 +47,9 @@ def test_cmake_options_never_native_nor_amx_and_follow_the_cpu_flags() -> None:
 def test_request_bodies_name_the_same_blend() -> None:
     blend = Request("What is 2 plus 2?", (1, 2, 3), (("spell", 0.8), ("arithmetic", 0.2)))
     llama = llama_body(blend, 32)
-    assert llama["lora"] == [{"id": ADAPTERS.index("spell"), "scale": 0.8},
-                             {"id": ADAPTERS.index("arithmetic"), "scale": 0.2}]
+    assert {(x["id"], x["scale"]) for x in llama["lora"]} == {
+        (ADAPTERS.index("spell"), 0.8), (ADAPTERS.index("arithmetic"), 0.2),
+        (ADAPTERS.index("unit_convert"), 0.0)}
     assert llama["prompt"] == [1, 2, 3]
     assert (llama["cache_prompt"], llama["ignore_eos"], llama["temperature"]) == (False, True, 0)
     ours = dynamerge_body(blend, 32)
@@ -58,7 +59,8 @@ def test_request_bodies_name_the_same_blend() -> None:
     assert dynamerge_body(Request("x", (1,), (("spell", 1.0),)), 32)["model"] == "spell"
     base = Request("x", (1,))
     assert dynamerge_body(base, 32)["model"] == "base"
-    assert llama_body(base, 32)["lora"] == []
+    # Base names every adapter at scale 0: an empty list would keep the slot's last LoRA.
+    assert [x["scale"] for x in llama_body(base, 32)["lora"]] == [0.0] * len(ADAPTERS)
 
 
 def _figures() -> dict:
