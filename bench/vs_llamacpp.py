@@ -33,8 +33,9 @@ Not in CI: the first run builds llama.cpp (about 15 minutes on two cores).
    two through routing restricted to the pair (`routing: {adapters: [a, b], top_k: 2,
    threshold: -1, min_weight: 0, temperature: 0.1}`), whose weights (reported in `routing`)
    are asked for first and then given to llama.cpp as `lora: [{id, scale}]`, so both blend
-   the same weights.
-   llama.cpp batches only requests with identical LoRA settings (its `can_batch_with`).
+   the same weights. llama.cpp's `lora` lists every adapter, at scale 0 where unused: its
+   server ignores an empty list and keeps the slot's previous adapters. It batches only
+   requests with identical LoRA settings (its `can_batch_with`).
 5. **Cases**: at 1 client, base / one adapter / a blend of two (three prompts, one per adapter,
    one after another); at 8 clients, base / one adapter each (client i: adapter i mod 3) /
    a blend of two each (client i: its adapter and the next, with the routed weights of its own
