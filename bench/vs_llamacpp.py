@@ -572,7 +572,7 @@ def ratios(figures: dict[Key, Figures]) -> list[tuple[str, float, str, bool]]:
 
 def ratio_table(rows: list[tuple[str, float, str, bool]]) -> str:
     lines = ["| ratio | measured | target | verdict |", "|---|--:|--:|---|"]
-    lines += [f"| {what} | {value:.2f} | {target} | {'met' if met else 'missed'} |"
+    lines += [f"| {what} | {value:.3f} | {target} | {'met' if met else 'missed'} |"
               for what, value, target, met in rows]
     return "\n".join(lines)
 

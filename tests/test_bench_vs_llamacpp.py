@@ -135,7 +135,7 @@ def test_report_prints_the_tables_and_writes_the_figures(tmp_path: Path, capsys)
     out = capsys.readouterr().out
     assert "| blend of two | 1 | 10.0 (100.0) | 10.0 (100.0) | 10.0 (100.0) | 50 / 50 / 50 |" \
         in out
-    assert "| TPOT @1, one thread each: blend of two, dynamerge / llama.cpp t1 | 1.00 |" in out
+    assert "| TPOT @1, one thread each: blend of two, dynamerge / llama.cpp t1 | 1.000 |" in out
     assert "spell:0.7+arithmetic:0.3" in out
     assert "prompt tokens equal on every server: yes" in out
     assert "identical on every server: 1/1" in out
