@@ -89,6 +89,8 @@ def test_ratios_follow_the_issue_targets() -> None:
     # A ratio whose figures are missing (no adapter case at 8 clients here) is left out.
     assert not any("different adapters" in what for what in rows)
     assert "| missed |" in ratio_table(ratios(_figures()))
+    # dynamerge on every core: no "one thread each" rows
+    assert not any("one thread each" in r[0] for r in ratios(_figures(), None))
 
 
 def test_table_has_a_row_per_case_and_dashes_for_missing_figures() -> None:
@@ -129,7 +131,8 @@ def test_report_prints_the_tables_and_writes_the_figures(tmp_path: Path, capsys)
     cases = [Case("blend of two", 1, ((spell,),))]
     timing = Timing(sent=0.0, first=0.05, done=0.95, tokens=10, prompt_tokens=2, text="c-a-t")
     results = {("blend of two", 1, s): Measured([(spell, timing)], wall_s=1.0) for s in SYSTEMS}
-    args = parse_args(["--quick", "--json", str(tmp_path / "out.json")])
+    args = parse_args(["--quick", "--json", str(tmp_path / "out.json"),
+                       "--dynamerge-env", "DYNAMERGE_DECODE_THREADS=1"])
     report(args, cases, results, {spell: dict.fromkeys(SYSTEMS, "c-a-t")},
            {spell.prompt: {(s, 2) for s in SYSTEMS}})
     out = capsys.readouterr().out
