@@ -292,6 +292,22 @@ def _scheduler(engine, lean) -> Harness:
     return h
 
 
+def _joining_every_step(h, jobs, finished: tuple[str, ...]) -> list[tuple[list, list]]:
+    """Add the jobs one per scheduler step (each joins while the others decode), run them out,
+    and return each job's (token ids, logprobs)."""
+    for job in jobs:
+        h.add(job)
+        h.scheduler.step()
+    h.run()
+    out = []
+    for job in jobs:
+        events = h.events(job)
+        assert events[-1].finish_reason in finished, events[-1]
+        out.append(([t for e in events for t in e.token_ids],
+                    [lp.logprob for e in events for lp in e.logprobs]))
+    return out
+
+
 def test_scheduler_lean_equals_transformers_with_rows_joining_and_leaving(micro_engine):
     assert micro_engine.lean is not None, "the micro engine (a Llama) decodes lean by default"
     mixes = ["base", "math", "blend", "cooking", "travel", "blend", "math", "base"]
@@ -300,18 +316,8 @@ def test_scheduler_lean_equals_transformers_with_rows_joining_and_leaving(micro_
     for lean in (micro_engine.lean, None):
         h = _scheduler(micro_engine, lean)
         jobs = [h.job(texts[i % 3], mix, max_tokens=4 + i, logprobs=0, ignore_eos=True)
-                for i, mix in enumerate(mixes)]
-        for job in jobs:  # one joins every step while the others decode; they leave apart
-            h.add(job)
-            h.scheduler.step()
-        h.run()
-        out = []
-        for job in jobs:
-            events = h.events(job)
-            assert events[-1].finish_reason == "length", events[-1]
-            out.append(([t for e in events for t in e.token_ids],
-                        [lp.logprob for e in events for lp in e.logprobs]))
-        results.append(out)
+                for i, mix in enumerate(mixes)]  # they leave at different steps
+        results.append(_joining_every_step(h, jobs, ("length",)))
     lean_out, reference = results
     for (ids, lps), (ref_ids, ref_lps) in zip(lean_out, reference, strict=True):
         assert ids == ref_ids
@@ -340,17 +346,7 @@ def test_demo_eval_prompts_lean_equals_transformers(demo_engine):
         h = _scheduler(engine, lean)
         h.scheduler.pool = pool_for(engine.model, 8, 512)
         jobs = [h.job(text, blend=blend, max_tokens=12, logprobs=0) for text, blend in specs]
-        for job in jobs:
-            h.add(job)
-            h.scheduler.step()
-        h.run()
-        out = []
-        for job in jobs:
-            events = h.events(job)
-            assert events[-1].finish_reason in ("stop", "length"), events[-1]
-            out.append(([t for e in events for t in e.token_ids],
-                        [lp.logprob for e in events for lp in e.logprobs]))
-        results.append(out)
+        results.append(_joining_every_step(h, jobs, ("stop", "length")))
     for (ids, lps), (ref_ids, ref_lps), spec in zip(*results, specs, strict=True):
         assert ids == ref_ids, spec
         torch.testing.assert_close(torch.tensor(lps), torch.tensor(ref_lps), rtol=0,
